@@ -1,0 +1,201 @@
+"""The one functional model interface every model and fixer uses.
+
+``Model.init(key, input_shape) -> variables`` and
+``Model.apply(variables, x, *, train=False, capture=(), rngs=None)``.
+
+Variables are plain nested dicts: ``{"params": ..., "batch_stats": ...}``
+(``batch_stats`` only for models with BatchNorm). Nothing is stored on the
+``Model`` object but static structure, so all functions over variables stay
+pure and can be jitted or vmapped.
+
+Addressing scheme (used by masks and fixers)
+--------------------------------------------
+A *layer* is named by the ``/``-joined path of its linen module, e.g.
+``"dense3"`` for LeNet5 or ``"stage2/block0/conv1"`` for ResNet18; its
+parameters live at ``params[<path parts>]`` (``kernel`` and ``bias``).
+A *neuron* is ``(layer name, unit index)``: for a Dense layer the unit is the
+output column ``j`` (``kernel[:, j]`` and ``bias[j]``); for a Conv layer it is
+the output channel ``j`` (``kernel[..., j]`` and ``bias[j]``). A single
+*weight* of a Dense layer is ``(layer name, (i, j))``.
+
+Captured activations
+--------------------
+``capture`` is a tuple of layer names (or ``"*"`` for every layer). With a
+non-empty capture, ``apply`` returns ``(logits, acts)`` where
+``acts[name] = {"input": ..., "output": ...}``. A Dense or Conv layer's output
+is its pre-activation; ReLU, pooling, flatten, BatchNorm and dropout layers of
+sequential models are layers with names of their own.
+
+With ``train=True`` (BatchNorm in training mode, dropout on; dropout needs
+``rngs={"dropout": key}``) ``apply`` returns ``(logits, new_batch_stats)``, or
+``(logits, acts, new_batch_stats)`` with a capture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dlfix_jax.models import layers as layers_lib
+
+Variables = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Model:
+    """Static description of a classifier plus pure ``init``/``apply``.
+
+    Attributes:
+      name: registry name ("lenet5", "vgg16", ... or "keras:<file>").
+      module: the flax linen module.
+      input_shape: (H, W, C) of one input.
+      num_classes: number of output classes.
+      layers: the sequential layer specs, or None for non-sequential models
+        (ResNet18, DenseNet121).
+      output_softmax: True when the source model (a Keras file) applied a
+        softmax to its last layer. Our ``apply`` always returns the logits
+        before it; evaluation that must reproduce the study (PGD on
+        probabilities) applies the softmax itself.
+    """
+
+    name: str
+    module: nn.Module
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    layers: tuple[layers_lib.LayerSpec, ...] | None = None
+    output_softmax: bool = False
+
+    @property
+    def is_sequential(self) -> bool:
+        return self.layers is not None
+
+    @property
+    def has_batch_norm(self) -> bool:
+        return bool(self.layer_names(kinds=("bn",))) if self.layers else True
+
+    def init(self, key: jax.Array, input_shape: Sequence[int] | None = None
+             ) -> Variables:
+        """Initialises variables for inputs of ``input_shape`` (H, W, C)."""
+        shape = tuple(input_shape or self.input_shape)
+        x = jnp.zeros((1,) + shape, jnp.float32)
+        variables = self.module.init({"params": key}, x, train=False)
+        return jax.tree_util.tree_map(lambda a: a, dict(variables))
+
+    def apply(self, variables: Variables, x: jax.Array, *, train: bool = False,
+              capture: Sequence[str] | str = (), rngs: dict | None = None):
+        """Runs the model; see the module docstring for return values."""
+        if isinstance(capture, str):
+            capture = (capture,)
+        capture = tuple(capture)
+        mutable = ["batch_stats"] if train and "batch_stats" in variables else False
+        if not capture:
+            out = self.module.apply(variables, x, train=train, rngs=rngs,
+                                    mutable=mutable)
+            if train:
+                logits, upd = out if mutable else (out, {})
+                return logits, upd.get("batch_stats", {})
+            return out
+        acts: dict[str, dict[str, jax.Array]] = {}
+        want_all = "*" in capture
+
+        def interceptor(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if context.method_name == "__call__" and context.module.path:
+                name = "/".join(context.module.path)
+                if want_all or name in capture:
+                    acts[name] = {"input": args[0], "output": out}
+            return out
+
+        with nn.intercept_methods(interceptor):
+            out = self.module.apply(variables, x, train=train, rngs=rngs,
+                                    mutable=mutable)
+        missing = [c for c in capture if c != "*" and c not in acts]
+        if missing:
+            raise KeyError(
+                f"capture names {missing} are not layers of model {self.name!r};"
+                f" layers: {self.all_layer_names(variables)}")
+        if train:
+            logits, upd = out if mutable else (out, {})
+            return logits, acts, upd.get("batch_stats", {})
+        return out, acts
+
+    def layer_names(self, kinds: Sequence[str] | None = None) -> list[str]:
+        """Names of the sequential layers (of the given kinds), in order."""
+        if self.layers is None:
+            raise ValueError(f"model {self.name!r} is not sequential")
+        return [s.name for s in self.layers if kinds is None or s.kind in kinds]
+
+    def all_layer_names(self, variables: Variables) -> list[str]:
+        """Names of every layer reached by a forward pass, in call order."""
+        names: list[str] = []
+
+        def interceptor(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and context.module.path:
+                n = "/".join(context.module.path)
+                if n not in names:
+                    names.append(n)
+            return next_fun(*args, **kwargs)
+
+        x = jax.ShapeDtypeStruct((1,) + tuple(self.input_shape), jnp.float32)
+        with nn.intercept_methods(interceptor):
+            jax.eval_shape(lambda v, a: self.module.apply(v, a, train=False),
+                           variables, x)
+        return names
+
+    def predict(self, variables: Variables, x: jax.Array) -> jax.Array:
+        """Predicted labels (argmax of the logits)."""
+        return jnp.argmax(self.apply(variables, x), axis=-1)
+
+
+def param_layers(params: dict) -> list[str]:
+    """Names (``/`` paths) of every layer that owns a ``kernel``."""
+    out = []
+
+    def walk(d, prefix):
+        if "kernel" in d and not isinstance(d["kernel"], dict):
+            out.append("/".join(prefix))
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, prefix + (k,))
+
+    walk(params, ())
+    return out
+
+
+def get_layer_params(params: dict, name: str) -> dict:
+    """The parameter dict (kernel, bias, ...) of layer ``name``."""
+    d = params
+    for part in name.split("/"):
+        if not isinstance(d, dict) or part not in d:
+            raise KeyError(f"no layer {name!r} in params; layers with "
+                           f"kernels: {param_layers(params)}")
+        d = d[part]
+    return d
+
+
+def set_layer_params(params: dict, name: str, new: dict) -> dict:
+    """A copy of ``params`` with layer ``name``'s dict replaced by ``new``."""
+    parts = name.split("/")
+
+    def rec(d, i):
+        d = dict(d)
+        if i == len(parts) - 1:
+            get_layer_params(params, name)  # raises a clear KeyError
+            d[parts[i]] = new
+        else:
+            d[parts[i]] = rec(d[parts[i]], i + 1)
+        return d
+
+    return rec(params, 0)
+
+
+def count_params(variables: Variables) -> int:
+    return int(sum(a.size for a in jax.tree_util.tree_leaves(
+        variables.get("params", variables))))
+
+
+ApplyFn = Callable[..., Any]
