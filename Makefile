@@ -13,11 +13,11 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
-	$(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 study: $(STAMP)
-	$(VENV)/bin/python -m experiments.study_main --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m experiments.run_study --config=experiments/configs/study_digits.py --workdir=$(WORKDIR)
+	$(VENV)/bin/python -m experiments.report --workdir=$(WORKDIR)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q tests

@@ -30,9 +30,12 @@ def names() -> list[str]:
     return sorted(_LOADERS)
 
 
-def load(name: str, data_dir: str | None = None, seed: int = 0, **kwargs
-         ) -> Dataset:
+def load(name: str, data_dir: str | None = None, seed: int = 0, **kwargs):
     """Loads dataset ``name`` with deterministic splits for ``seed``.
+
+    Returns a :class:`Dataset` (in-memory numpy splits), except for
+    ``imagenet2012``, which returns a streaming dataset whose splits are
+    iterables of numpy batches (see :mod:`dlfix_jax.data.imagenet`).
 
     Raises:
       KeyError: unknown name (the message lists the known ones).

@@ -10,7 +10,7 @@ from dlfix_jax.fixers.base import (LEVELS, Data, FixerSpec, FixResult,
 # Fixer modules register themselves on import.
 import importlib as _importlib
 
-_FIXER_MODULES = ()  # e.g. ("apricot", "ra", "arachne"), filled as they land
+_FIXER_MODULES = ("apricot", "ra", "arachne")
 for _m in _FIXER_MODULES:
     _importlib.import_module(f"dlfix_jax.fixers.{_m}")
 

@@ -7,34 +7,48 @@ Definitions (reference ``approaches.md`` §4):
 * NFR = |{x : M_o(x) = y ∧ M_r(x) ≠ y}| / N · 100 (denominator: *all* inputs).
 
 Functions take predicted labels so they work for any model source; the
-``fixed`` predictions may carry a leading seed axis (S, N).
+``fixed`` predictions may carry a leading seed axis (S, N). With NumPy (or
+Python) inputs they compute in NumPy float64, so reported numbers are exact
+ratios of counts (15/200 → 7.5, not float32's 7.4999995); with JAX arrays
+(including tracers under ``jit``) they use ``jax.numpy``.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def accuracy(pred, y) -> jnp.ndarray:
+def _xp(*arrays):
+    """``jax.numpy`` if any input is a JAX array (or tracer), else NumPy."""
+    return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
+
+
+def accuracy(pred, y):
     """Accuracy in % over the last axis; ``pred`` is (N,) or (S, N)."""
-    return 100.0 * jnp.mean(jnp.asarray(pred) == jnp.asarray(y), axis=-1)
+    xp = _xp(pred, y)
+    pred, y = xp.asarray(pred), xp.asarray(y)
+    return 100.0 * xp.sum(pred == y, axis=-1) / y.shape[-1]
 
 
-def relative_change(new, orig) -> jnp.ndarray:
+def relative_change(new, orig):
     """(new − orig) / orig · 100 (⇑ACC); 0/0 gives 0, x/0 gives ±inf."""
-    new, orig = jnp.asarray(new, jnp.float32), jnp.asarray(orig, jnp.float32)
-    return jnp.where(orig == 0, jnp.where(new == orig, 0.0,
-                                          jnp.sign(new - orig) * jnp.inf),
-                     (new - orig) / jnp.where(orig == 0, 1.0, orig) * 100.0)
+    xp = _xp(new, orig)
+    dt = jnp.float32 if xp is jnp else np.float64
+    new, orig = xp.asarray(new, dt), xp.asarray(orig, dt)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return xp.where(orig == 0, xp.where(new == orig, 0.0,
+                                            xp.sign(new - orig) * xp.inf),
+                        (new - orig) / xp.where(orig == 0, 1.0, orig) * 100.0)
 
 
-def relative_gain(orig, new) -> jnp.ndarray:
+def relative_gain(orig, new):
     """(orig − new) / orig · 100 (⇑ASR, ⇑AAOD: lower is better)."""
     return -relative_change(new, orig)
 
 
-def flips(pred_orig, pred_fixed, y) -> dict[str, jnp.ndarray]:
+def flips(pred_orig, pred_fixed, y) -> dict:
     """Repair/break counts and rates of fixed predictions against the original.
 
     Args:
@@ -47,15 +61,16 @@ def flips(pred_orig, pred_fixed, y) -> dict[str, jnp.ndarray]:
       counts, ``rr`` and ``nfr`` in % (each (S,) when stacked). RR is 0 when
       the original model makes no mistake.
     """
-    po, pf, y = jnp.asarray(pred_orig), jnp.asarray(pred_fixed), jnp.asarray(y)
+    xp = _xp(pred_orig, pred_fixed, y)
+    po, pf, y = xp.asarray(pred_orig), xp.asarray(pred_fixed), xp.asarray(y)
     wrong_o = po != y
     right_f = pf == y
-    repaired = jnp.sum(wrong_o & right_f, axis=-1)
-    broken = jnp.sum(~wrong_o & ~right_f, axis=-1)
-    n_wrong = jnp.sum(wrong_o)
-    rr = jnp.where(n_wrong > 0, 100.0 * repaired / jnp.maximum(n_wrong, 1), 0.0)
+    repaired = xp.sum(wrong_o & right_f, axis=-1)
+    broken = xp.sum(~wrong_o & ~right_f, axis=-1)
+    n_wrong = xp.sum(wrong_o)
+    rr = xp.where(n_wrong > 0, 100.0 * repaired / xp.maximum(n_wrong, 1), 0.0)
     nfr = 100.0 * broken / y.shape[-1]
-    return {"n": jnp.asarray(y.shape[-1]), "wrong_orig": n_wrong,
+    return {"n": xp.asarray(y.shape[-1]), "wrong_orig": n_wrong,
             "repaired": repaired, "broken": broken, "rr": rr, "nfr": nfr}
 
 

@@ -1,0 +1,216 @@
+"""Training throughput (examples/s): our JAX trainer vs Keras, same run.
+
+Run:
+  python -m benchmarks.train_throughput [--models=lenet5,vgg16]
+      [--frameworks=jax,keras,tf_keras] [--lenet5_steps=200]
+      [--vgg16_steps=3] [--out=runs/bench/train_throughput.json]
+
+For each model, the same architecture, batch size (128), optimizer (Adam,
+lr 1e-3) and softmax cross-entropy are trained on the same **random data of
+the right shape** (MNIST-shaped 28x28x1 for LeNet5, CIFAR-shaped 32x32x3 for
+VGG16; throughput does not depend on the pixel values). Each framework first
+runs warm-up steps (compilation, graph tracing), then ``--<model>_steps``
+timed steps; examples/s = steps x batch / wall time.
+
+* ``jax``: the trainer's own step (:func:`dlfix_jax.training.train.
+  make_train_chunk`: one jitted step per call, host-side batch gather
+  included, BatchNorm stats and dropout as in training).
+* ``keras``: Keras 3 (TensorFlow backend, its defaults, incl.
+  ``jit_compile="auto"``), ``model.fit`` on NumPy arrays.
+* ``tf_keras``: Keras 2 (``tf_keras``, the API of the study's TF 2.3
+  models), ``model.fit`` the same way.
+
+Every (model, framework) pair runs in a fresh subprocess, so one
+framework's thread pools and imports (TensorFlow's oneDNN/OpenMP threads)
+cannot slow down another. VGG16 on CPU is slow (seconds per step), so only a
+few steps are timed; treat its numbers as +/-10%. Results are printed as a table and written as
+JSON (machine facts included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+from absl import app, flags
+
+flags.DEFINE_list("models", ["lenet5", "vgg16"], "Models to measure.")
+flags.DEFINE_list("frameworks", ["jax", "keras", "tf_keras"],
+                  "Frameworks to measure.")
+flags.DEFINE_integer("batch_size", 128, "Batch size.")
+flags.DEFINE_integer("lenet5_steps", 200, "Timed LeNet5 steps.")
+flags.DEFINE_integer("vgg16_steps", 3, "Timed VGG16 steps.")
+flags.DEFINE_integer("warmup_steps", 2, "Warm-up steps (not timed).")
+flags.DEFINE_string("out", "runs/bench/train_throughput.json",
+                    "JSON output path.")
+flags.DEFINE_string("single", None, "Internal: measure one 'model,framework'"
+                    " in this process and print its examples/s as JSON.")
+FLAGS = flags.FLAGS
+
+SHAPES = {"lenet5": (28, 28, 1), "vgg16": (32, 32, 3)}
+
+
+def _data(model: str, steps: int, batch: int, seed: int = 0):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    n = steps * batch
+    x = rng.random((n,) + SHAPES[model], dtype=np.float32)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    return x, y
+
+
+def bench_jax(model_name: str, steps: int, warmup: int, batch: int) -> float:
+    import jax
+    import numpy as np
+    import optax
+
+    from dlfix_jax import models
+    from dlfix_jax.training import train
+
+    model = models.get(model_name)
+    v = model.init(jax.random.key(0))
+    tx = optax.adam(1e-3)
+    chunk = train.make_train_chunk(model, tx)
+    state = (v["params"], v.get("batch_stats", {}), tx.init(v["params"]))
+    key = jax.random.key(1)
+    x, y = _data(model_name, max(steps, warmup), batch)
+    idx = np.arange(len(y)).reshape(-1, batch)
+
+    def run(k, state):
+        # As in train_and_evaluate: gather the batches on the host, then k
+        # jitted steps.
+        b = idx[:k]
+        xs = x[b.reshape(-1)].reshape((k, batch) + x.shape[1:])
+        state, out = chunk(state, xs, y[b], np.arange(k, dtype=np.int32), key)
+        jax.block_until_ready((state, out))
+        return state
+
+    state = run(warmup, state)  # compiles the step (one shape for any k)
+    t = time.perf_counter()
+    run(steps, state)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def _keras_model(keras, name: str):
+    L = keras.layers
+    if name == "lenet5":
+        layers = [L.Conv2D(6, 5, activation="relu"),
+                  L.MaxPooling2D(3, 3),
+                  L.Conv2D(16, 3, activation="relu"),
+                  L.MaxPooling2D(2),
+                  L.Flatten(),
+                  L.Dense(120, activation="relu"),
+                  L.Dense(84, activation="relu"),
+                  L.Dense(10)]
+    else:  # vgg16, as dlfix_jax.models.zoo.vgg16
+        layers = []
+        for block in ((64, 64), (128, 128), (256,) * 3, (512,) * 3,
+                      (512,) * 3):
+            for f in block:
+                layers += [L.Conv2D(f, 3, padding="same"),
+                           L.BatchNormalization(), L.ReLU()]
+            layers.append(L.MaxPooling2D(2))
+        layers += [L.Flatten(), L.Dense(512), L.BatchNormalization(),
+                   L.ReLU(), L.Dropout(0.5), L.Dense(10)]
+    model = keras.Sequential([keras.Input(SHAPES[name])] + layers)
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def bench_keras(which: str, model_name: str, steps: int, warmup: int,
+                batch: int) -> float:
+    if which == "keras":
+        import keras
+    else:
+        import tf_keras as keras
+    model = _keras_model(keras, model_name)
+    x, y = _data(model_name, max(steps, warmup), batch)
+    model.fit(x[:warmup * batch], y[:warmup * batch], batch_size=batch,
+              epochs=1, verbose=0, shuffle=False)
+    t = time.perf_counter()
+    model.fit(x[:steps * batch], y[:steps * batch], batch_size=batch,
+              epochs=1, verbose=0, shuffle=False)
+    return steps * batch / (time.perf_counter() - t)
+
+
+def _measure(name: str, fw: str) -> float:
+    steps = getattr(FLAGS, f"{name}_steps")
+    if fw == "jax":
+        return bench_jax(name, steps, FLAGS.warmup_steps, FLAGS.batch_size)
+    return bench_keras(fw, name, steps, FLAGS.warmup_steps, FLAGS.batch_size)
+
+
+def _in_subprocess(name: str, fw: str) -> float:
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput",
+           f"--single={name},{fw}", f"--batch_size={FLAGS.batch_size}",
+           f"--{name}_steps={getattr(FLAGS, f'{name}_steps')}",
+           f"--warmup_steps={FLAGS.warmup_steps}", "--out="]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    for line in out.stdout.splitlines():
+        if line.startswith("{\"examples_per_s\""):
+            return json.loads(line)["examples_per_s"]
+    raise RuntimeError(f"{name}/{fw} measurement failed:\n"
+                       f"{out.stderr[-3000:]}")
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if FLAGS.single:
+        name, fw = FLAGS.single.split(",")
+        print(json.dumps({"examples_per_s": _measure(name, fw)}))
+        return
+    batch = FLAGS.batch_size
+    results = []
+    for name in FLAGS.models:
+        if name not in SHAPES:
+            raise app.UsageError(f"unknown model {name!r}; known: "
+                                 f"{sorted(SHAPES)}")
+        steps = getattr(FLAGS, f"{name}_steps")
+        for fw in FLAGS.frameworks:
+            if fw not in ("jax", "keras", "tf_keras"):
+                raise app.UsageError(f"unknown framework {fw!r}")
+            eps = _in_subprocess(name, fw)
+            results.append({"model": name, "framework": fw, "batch": batch,
+                            "timed_steps": steps, "examples_per_s": eps})
+            print(f"{name:8s} {fw:9s} {eps:10.1f} examples/s", flush=True)
+
+    import jax
+    versions = {"jax": jax.__version__}
+    try:
+        import tensorflow as tf
+        import keras
+        versions.update(tensorflow=tf.__version__, keras=keras.__version__)
+    except ImportError:
+        pass
+    print("\n| model | framework | examples/s | JAX speed-up (JAX / this) |")
+    print("|---|---|---:|---:|")
+    for r in results:
+        ref = next((q["examples_per_s"] for q in results
+                    if q["model"] == r["model"] and q["framework"] == "jax"),
+                   None)
+        ratio = f"{ref / r['examples_per_s']:.2f}x" if ref else "-"
+        r["jax_over_this"] = (ref / r["examples_per_s"]) if ref else None
+        print(f"| {r['model']} | {r['framework']} | "
+              f"{r['examples_per_s']:.1f} | {ratio} |")
+    out = {"results": results, "data": "random, right shape",
+           "machine": {"cpus": os.cpu_count(),
+                       "platform": platform.platform(),
+                       "processor": platform.processor(),
+                       "load_avg_1m": os.getloadavg()[0]},
+           "versions": versions}
+    if FLAGS.out:
+        from dlfix_jax.training.checkpoint import atomic_write_json
+        atomic_write_json(FLAGS.out, out)
+        print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,339 @@
+"""RA (layer level): single-layer provable repair by linear programming.
+
+**Interpretation.** The study's "RA" is not resolved by the reference
+(``approaches.md`` §2 "RA": unresolved; observed behaviour: adaptable only to
+sequential piecewise-linear models, seconds to minutes, small RR). Mapping it
+to this method is **our interpretation**: PRDNN, M. Sotoudeh and A. V.
+Thakur, "Provable Repair of Deep Neural Networks", PLDI 2021 (pointwise
+repair of one layer), the most consistent candidate.
+
+Method (pointwise PRDNN repair of one Dense/Conv layer ℓ):
+
+* **Decoupled network.** The activation pattern (ReLU on/off states and
+  max-pool argmax selections) is frozen at the *original* network's values on
+  each repair point, while values flow through the repaired layer. Layers
+  before ℓ are unchanged, so layer ℓ's input ``a`` is fixed; everything after
+  ℓ is then an affine map ``A_x`` of layer ℓ's output (the linearisation of
+  the piecewise-linear tail at the original point, computed exactly with
+  ``jax.jvp``). Layer ℓ is affine in its parameters, so the logits are
+  affine in the change Δ = (ΔW, Δb)::
+
+      logits(Δ) = logits_0 + A_x · layer_ℓ(a; ΔW, Δb)
+
+  The coefficient matrix is the Jacobian of that linear map
+  (``jax.jacrev``, exact because the map is linear). For the last Dense layer
+  (the default) ``A_x`` is the identity and the decoupled network *is* the
+  network.
+* **LP** (HiGHS via ``scipy.optimize.linprog(method="highs")``): minimise
+  ``‖Δ‖₁`` (``norm="l1"``, default; Δ = u − v, u, v ≥ 0) or ``‖Δ‖∞``
+  (``norm="linf"``) subject to ``logit_y(Δ) − logit_j(Δ) ≥ margin`` for every
+  class j ≠ y on every constrained point.
+* **Points.** Every failing repair input, plus the passing repair inputs:
+  ``num_passing = -1`` (default) takes all of them, ``n > 0`` a random
+  sample of n drawn with the key. PRDNN repairs exactly the point set it is
+  given; the passing points are there so that the repair keeps them correct
+  (the study's NFR). The sample is the only use of the key: with the
+  default the fix is key-free (all seeds give the same model, as a
+  deterministic LP should). Measured on MNIST/LeNet5 (68 failing): all
+  4,932 passing points give test NFR 0.70% / ACC 98.30% (orig 98.38%),
+  500 sampled points give NFR 2.30% / ACC 96.65%.
+* **Margin** δ = ``margin`` (1e-2): small against LeNet5 logit scales
+  (~10) but well above float32 rounding of the repaired logits (~1e-5),
+  so the float64 LP solution still classifies correctly in float32.
+* **Size limit.** The LP has ``variables × constraints`` ≤ ``max_lp_size``
+  (1e8); larger problems, and infeasible ones, raise ``RuntimeError`` naming
+  the numbers (the runner records a failure).
+
+Only layer ℓ's ``kernel`` and ``bias`` change; every other variable is
+returned bit-for-bit unchanged. Applicable to sequential models whose layers
+are all conv / dense / bn / relu / maxpool / avgpool / flatten / dropout /
+gap (others are *unadaptable* with the reason).
+
+Deviations from PRDNN: PRDNN returns the decoupled network (a different
+architecture) and so keeps its guarantee for any layer; we write Δ back into
+the ordinary network, which equals the decoupled one for the last layer.
+For an earlier layer the repaired layer can flip downstream activation
+patterns, so the guarantee holds for the decoupled network only;
+``info["max_violation"]`` reports what the ordinary network achieves and
+``info["max_violation_decoupled"]`` what the LP guarantees. PRDNN's
+polytope (V-)repair is not implemented; only pointwise repair.
+
+``info``: ``mask`` (the repaired layer's leaf mask over params), ``layer``,
+``lp_status``, ``lp_message``, ``objective``,
+``num_constraints``, ``num_variables``, ``num_failing``, ``num_passing``,
+``max_violation`` (max over constrained points and classes of
+``max(0, margin − actual margin)`` after repair, float32 network),
+``max_violation_decoupled``, ``time_lp_s``, ``time_s``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import scipy.optimize
+import scipy.sparse
+
+from dlfix_jax import masks
+from dlfix_jax.fixers import base
+from dlfix_jax.models import base as models_base
+from dlfix_jax.models import layers as layers_lib
+
+REPAIRABLE_KINDS = ("dense", "conv")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.layer = ""            # "" = the last Dense layer
+    c.norm = "l1"           # "l1" | "linf"
+    c.margin = 1e-2
+    c.num_passing = -1      # passing repair inputs kept as constraints; -1 = all
+    c.max_lp_size = int(1e8)  # variables x constraints
+    c.batch_size = 256      # points per Jacobian batch
+    return c
+
+
+def applicable(model, dataset) -> str | None:
+    """None when RA can repair ``model``; otherwise the reason."""
+    del dataset
+    if getattr(model, "layers", None) is None:
+        return (f"model {model.name!r} is not sequential: the decoupled "
+                "network needs a sequential piecewise-linear model")
+    bad = sorted({s.kind for s in model.layers
+                  if s.kind not in layers_lib.PIECEWISE_LINEAR_KINDS})
+    if bad:
+        return f"model {model.name!r} has non-piecewise-linear layers {bad}"
+    if not any(s.kind == "dense" for s in model.layers):
+        return f"model {model.name!r} has no Dense layer to repair"
+    return None
+
+
+def _layer_index(model, name: str) -> int:
+    names = [s.name for s in model.layers]
+    if not name:
+        dense = [i for i, s in enumerate(model.layers) if s.kind == "dense"]
+        return dense[-1]
+    if name not in names:
+        raise ValueError(f"RA: no layer {name!r} in model {model.name!r}; "
+                         f"layers: {names}")
+    i = names.index(name)
+    if model.layers[i].kind not in REPAIRABLE_KINDS:
+        raise ValueError(f"RA: layer {name!r} is a {model.layers[i].kind!r}; "
+                         f"only {REPAIRABLE_KINDS} layers can be repaired")
+    return i
+
+
+def _sub_variables(variables, names):
+    out = {}
+    for col, tree in variables.items():
+        sub = {n: tree[n] for n in names if n in tree}
+        if sub:
+            out[col] = sub
+    return out
+
+
+def decoupled_map(model, variables, layer_index: int):
+    """Builds the decoupled network's pieces for layer ``layer_index``.
+
+    Returns ``(layer_in, lin)`` where ``layer_in(x)`` is the (unchanged) input
+    of the layer and ``lin(a, delta)`` is the change of the logits of one point
+    with layer input ``a`` (no batch axis) when the layer's parameters change
+    by ``delta`` ({"kernel": ..., "bias": ...}), under the original network's
+    activation pattern at that point. ``lin`` is linear in ``delta``.
+    """
+    specs = model.layers
+    s = specs[layer_index]
+    name = s.name
+    layer_mod = layers_lib.Sequential((s,))
+    tail_specs = tuple(specs[layer_index + 1:])
+    tail_mod = layers_lib.Sequential(tail_specs)
+    tail_vars = _sub_variables(variables, [t.name for t in tail_specs])
+    layer_vars = _sub_variables(variables, [name])
+
+    def layer_in(x):
+        _, acts = model.apply(variables, x, capture=(name,))
+        return acts[name]["input"]
+
+    def tail(z):
+        if not tail_specs:
+            return z
+        return tail_mod.apply(tail_vars, z, train=False)
+
+    def lin(a, delta):
+        a = a[None]
+        z0 = layer_mod.apply(layer_vars, a, train=False)
+        dz = layer_mod.apply({"params": {name: delta}}, a, train=False)
+        # dz is linear in delta (kernel and bias both enter linearly); the
+        # tail's JVP at the original z0 applies the frozen activation pattern.
+        _, dlogits = jax.jvp(tail, (z0,), (dz,))
+        return dlogits[0]
+
+    return layer_in, lin
+
+
+def _margin_rows(jac, logits, y, margin, num_classes):
+    """Rows M, rhs r of M·Δ ≥ r for every (point, class j ≠ y)."""
+    n = jac.shape[0]
+    rows, rhs = [], []
+    for j in range(num_classes):
+        keep = y != j
+        if not np.any(keep):
+            continue
+        idx = np.nonzero(keep)[0]
+        m = jac[idx, y[idx], :] - jac[idx, j, :]
+        rows.append(m)
+        rhs.append(margin - (logits[idx, y[idx]] - logits[idx, j]))
+    del n
+    return np.concatenate(rows), np.concatenate(rhs)
+
+
+def solve_lp(m: np.ndarray, r: np.ndarray, norm: str):
+    """Minimises ‖Δ‖ (l1 or linf) s.t. m·Δ ≥ r; returns (Δ, result)."""
+    nc, nv = m.shape
+    ms = scipy.sparse.csr_matrix(m)
+    if norm == "l1":
+        # Δ = u − v, u, v ≥ 0:  −m·u + m·v ≤ −r.
+        a_ub = scipy.sparse.hstack([-ms, ms], format="csr")
+        c = np.ones(2 * nv)
+        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=-r, bounds=(0, None),
+                                     method="highs")
+        delta = None if res.x is None else res.x[:nv] - res.x[nv:]
+    elif norm == "linf":
+        # variables (Δ, t): −m·Δ ≤ −r;  Δ − t ≤ 0;  −Δ − t ≤ 0.
+        eye = scipy.sparse.identity(nv, format="csr")
+        one = scipy.sparse.csr_matrix(np.ones((nv, 1)))
+        a_ub = scipy.sparse.vstack([
+            scipy.sparse.hstack([-ms, scipy.sparse.csr_matrix((nc, 1))]),
+            scipy.sparse.hstack([eye, -one]),
+            scipy.sparse.hstack([-eye, -one])], format="csr")
+        b_ub = np.concatenate([-r, np.zeros(2 * nv)])
+        c = np.zeros(nv + 1)
+        c[-1] = 1.0
+        bounds = [(None, None)] * nv + [(0, None)]
+        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds,
+                                     method="highs")
+        delta = None if res.x is None else res.x[:nv]
+    else:
+        raise ValueError(f"RA: unknown norm {norm!r}; use 'l1' or 'linf'")
+    return delta, res
+
+
+def margins(model, variables, x, y) -> np.ndarray:
+    """(N, C) logit_y − logit_j of ``variables`` on (x, y) (float32 network)."""
+    logits = np.asarray(jax.jit(model.apply)(variables, x), np.float64)
+    y = np.asarray(y)
+    return logits[np.arange(len(y)), y][:, None] - logits
+
+
+def fix(key: jax.Array, problem: base.Problem,
+        config: ml_collections.ConfigDict) -> base.FixResult:
+    """RA (PRDNN-style pointwise LP repair); see the module docstring."""
+    t0 = time.perf_counter()
+    model = problem.model
+    reason = applicable(model, None)
+    if reason:
+        raise ValueError(f"RA is not applicable: {reason}")
+    li = _layer_index(model, config.layer)
+    name = model.layers[li].name
+    variables = problem.variables
+    lparams = models_base.get_layer_params(variables["params"], name)
+    delta0 = jax.tree_util.tree_map(jnp.zeros_like, dict(lparams))
+    leaves0, treedef = jax.tree_util.tree_flatten(delta0)
+    sizes = [l.size for l in leaves0]
+    nv = int(sum(sizes))
+
+    # The constrained points: all failing + a key-chosen sample of passing.
+    n_fail, n_passing_all = len(problem.failing), len(problem.passing)
+    k = int(config.num_passing)
+    k = n_passing_all if k < 0 else min(k, n_passing_all)
+    if 0 < k < n_passing_all:
+        sel = np.sort(np.asarray(jax.random.choice(key, n_passing_all, (k,),
+                                                   replace=False)))
+    else:
+        sel = np.arange(k)
+    x = jnp.concatenate([problem.failing.x, problem.passing.x[sel]])
+    y = np.concatenate([np.asarray(problem.failing.y),
+                        np.asarray(problem.passing.y)[sel]]).astype(np.int64)
+    nc_rows = len(y) * (problem.num_classes - 1)
+    info = {"layer": name, "num_failing": n_fail, "num_passing": int(k),
+            "num_variables": nv * (2 if config.norm == "l1" else 1)
+            + (1 if config.norm == "linf" else 0),
+            "num_constraints": nc_rows, "margin": float(config.margin),
+            "norm": config.norm}
+    if n_fail == 0:
+        info.update(mask=masks.layer_mask(variables["params"], name),
+                    lp_status=-1, lp_message="no failing inputs; nothing to do",
+                    objective=0.0, max_violation=0.0, max_violation_decoupled=0.0,
+                    time_lp_s=0.0, time_s=time.perf_counter() - t0)
+        return base.FixResult(variables, info)
+    size = info["num_variables"] * (nc_rows + (2 * nv if config.norm == "linf" else 0))
+    if size > int(config.max_lp_size):
+        raise RuntimeError(
+            f"RA: LP too large for layer {name!r}: {info['num_variables']} "
+            f"variables x {nc_rows} constraints = {size:.3g} > max_lp_size "
+            f"{int(config.max_lp_size):.3g}; lower num_passing or pick a later layer")
+
+    # Jacobian of the (linear) decoupled logit change w.r.t. the flat Δ.
+    layer_in, lin = decoupled_map(model, variables, li)
+
+    def lin_flat(a, flat):
+        parts, off = [], 0
+        for l, sz in zip(leaves0, sizes):
+            parts.append(flat[off:off + sz].reshape(l.shape))
+            off += sz
+        return lin(a, jax.tree_util.tree_unflatten(treedef, parts))
+
+    jac_fn = jax.jit(jax.vmap(jax.jacrev(lin_flat, argnums=1), in_axes=(0, None)))
+    in_fn = jax.jit(layer_in)
+    logit_fn = jax.jit(model.apply)
+    bs = int(config.batch_size)
+    zero = jnp.zeros((nv,), jnp.float32)
+    jacs, logits = [], []
+    for i in range(0, len(y), bs):
+        xb = x[i:i + bs]
+        jacs.append(np.asarray(jac_fn(in_fn(xb), zero), np.float64))
+        logits.append(np.asarray(logit_fn(variables, xb), np.float64))
+    jac, logits = np.concatenate(jacs), np.concatenate(logits)
+    m, r = _margin_rows(jac, logits, y, float(config.margin), problem.num_classes)
+
+    t_lp = time.perf_counter()
+    delta, res = solve_lp(m, r, config.norm)
+    t_lp = time.perf_counter() - t_lp
+    info.update(lp_status=int(res.status), lp_message=str(res.message),
+                time_lp_s=t_lp)
+    if res.status != 0 or delta is None:
+        raise RuntimeError(
+            f"RA: the LP for layer {name!r} was not solved (HiGHS status "
+            f"{res.status}: {res.message}); {n_fail} failing + {k} passing "
+            f"points, margin {config.margin}")
+    info["objective"] = float(res.fun)
+    info["max_violation_decoupled"] = float(max(0.0, np.max(r - m @ delta)))
+
+    parts, off = [], 0
+    for l, sz in zip(leaves0, sizes):
+        parts.append(delta[off:off + sz].reshape(l.shape))
+        off += sz
+    d = jax.tree_util.tree_unflatten(treedef, parts)
+    new_layer = {kk: (lparams[kk] + jnp.asarray(d[kk], lparams[kk].dtype)
+                      if kk in d else lparams[kk]) for kk in lparams}
+    new_vars = dict(variables)
+    new_vars["params"] = masks.select(
+        masks.layer_mask(variables["params"], name),
+        models_base.set_layer_params(variables["params"], name, new_layer),
+        variables["params"])
+    info["mask"] = masks.layer_mask(variables["params"], name)
+    mg = margins(model, new_vars, x, y)
+    mg[np.arange(len(y)), y] = np.inf
+    info["max_violation"] = float(max(0.0, np.max(float(config.margin) - mg)))
+    info["time_s"] = time.perf_counter() - t0
+    return base.FixResult(new_vars, info)
+
+
+base.register("ra", level="layer", abbrev="RA", vmappable=False,
+              paper="Sotoudeh & Thakur, 'Provable Repair of Deep Neural "
+                    "Networks' (PRDNN), PLDI 2021 -- our interpretation of the "
+                    "study's 'RA'",
+              default_config=default_config, applicable=applicable)(fix)

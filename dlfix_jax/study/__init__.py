@@ -1,0 +1,1 @@
+"""The study harness: seed-axis execution (``seeds``), runner, results store."""

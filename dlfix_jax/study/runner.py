@@ -1,0 +1,789 @@
+"""The study runner: (dataset, model) pairs × approaches × seeds -> records.
+
+``run_study(config, workdir, force=False)`` does, for every pair in
+``config.pairs`` (each carries a base-model training config of
+``experiments/configs/<dataset>_<model>.py``):
+
+1. **Base model.** Trains it into ``workdir/base/<dataset>_<model>`` with
+   :func:`dlfix_jax.training.train_and_evaluate`, which loads a completed
+   run instead of retraining (and restarts an interrupted one from scratch,
+   so a killed study retrains bit-identically). The per-epoch history comes
+   from :func:`dlfix_jax.training.load_history`; the
+   :class:`~dlfix_jax.fixers.Problem` from ``fixers.make_problem``.
+2. **Per approach** (``config.approaches``: ``"all"`` = every registered
+   fixer at run time, or a comma-separated list):
+
+   * ``spec.applicable(model, dataset)``; a reason makes every seed
+     ``"unadaptable"`` with that reason (nothing is run).
+   * The fixer runs once per seed ``s = 0..S-1`` with key
+     ``fold_in(fold_in(key(config.seed), STREAM_FIX), s)``. Keys are folded
+     per seed rather than ``split(…, S)`` so a seed's key does not depend on
+     S: raising ``num_seeds`` later keeps the finished seeds valid.
+     ``vmappable`` fixers run all seeds in one ``vmap(fix)`` call
+     (unless ``config.fix_strategy == "sequential"``); the others run one
+     seed after another. Times are split into compilation and execution
+     (see *Timing*).
+   * An exception makes that seed ``"failure"`` with the exception text.
+   * The fixed models are evaluated together on the test split (see
+     *Evaluation*); a seed is ``"corrupted"`` when its model outputs a
+     non-finite logit on a test input, has non-finite parameters, or its
+     accuracy is at most ``100/num_classes + config.corrupt_margin``
+     (near chance). Its ACC/RR/NFR are recorded anyway.
+   * Records of the approach's seeds are appended to the store together
+     (one write), so a group is either wholly present or absent after a
+     crash.
+
+Resuming: cells whose key is in the store are skipped. If only some seeds
+of an approach are missing (e.g. ``num_seeds`` was raised), the whole
+approach is recomputed (fixers are deterministic per key, and ASR's sample
+depends on all S fixed models) and only the missing records are appended,
+so nothing is ever duplicated. ``force=True`` recomputes every cell and
+appends newer records that supersede the old ones; the store is compacted
+at the end of a forced run.
+
+Time budget (``config.time_budget_s`` per fixing run; 0 = none). What is
+enforced, precisely:
+
+* Sequential runs: the fix call of a seed runs under a ``SIGALRM`` timer
+  (``signal.setitimer``, POSIX, main thread only) whose handler raises
+  :class:`FixTimeout`. Python raises it at the next bytecode boundary, so a
+  fixer looping in Python (epochs, generations, LP calls) is stopped within
+  one step; a single long XLA computation or C call (one HiGHS solve)
+  cannot be interrupted and is stopped only when it returns. Any run whose
+  wall-clock exceeded the budget is a ``"failure"`` ("time budget
+  exceeded") even if it returned. Between seeds: once a seed timed out,
+  the approach's remaining seeds are not started and are recorded as
+  ``"failure"`` with the reason naming the seed that timed out.
+* Vmapped runs: the single batched call of S seeds runs under the same
+  alarm with S × the budget (interruptible only between the fixer's jitted
+  calls) and is checked again after it returns; over budget, every seed is
+  a ``"failure"``.
+
+Timing: ``metrics.time_s`` is the wall-clock of one fixing run,
+``time_compile_s`` its JAX compilation part (tracing, lowering and XLA
+compile events JAX reports during the run, via
+:class:`dlfix_jax.metrics.timing.Timer`) and ``time_execute_s`` the rest. A vmapped run's
+times are the batch's times divided by S (amortised per seed);
+``record["execution"]`` keeps the batch totals and the mode.
+
+Evaluation (:func:`dlfix_jax.metrics.evaluate.evaluate_models`): ACC, ⇑ACC,
+RR, NFR (repaired/broken counts) on the test split for every fixed model;
+ASR (PGD, the pair's ``asr`` block) and AAOD (when the dataset has groups)
+jointly over the stack of non-corrupted seeds, on one key-drawn sample of
+test inputs that the original and all those models classify correctly.
+Post-processing ensembles (``config.ensembles``) combine the original with
+each fixed model via :func:`dlfix_jax.ensembles.combine`.
+
+Progress: one line per fixing run and per record (approach, seed, status,
+elapsed, ETA) through absl logging.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import signal
+import subprocess
+import threading
+import time
+import traceback
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+import dlfix_jax
+from dlfix_jax.metrics import timing
+from dlfix_jax.study import store as store_lib
+
+# Named PRNG streams folded into jax.random.key(config.seed).
+STREAM_FIX, STREAM_EVAL, STREAM_ENSEMBLE = 1, 2, 3
+
+METRIC_KEYS = ("acc", "acc_orig", "d_acc", "rr", "nfr", "repaired", "broken",
+               "asr", "asr_orig", "d_asr", "aaod", "aaod_orig", "d_aaod",
+               "time_s", "time_compile_s", "time_execute_s")
+
+
+class FixTimeout(Exception):
+    """A fixing run exceeded the per-run time budget."""
+
+
+# ---------------------------------------------------------------------------
+# Small helpers.
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(
+        timespec="seconds")
+
+
+@functools.lru_cache(maxsize=1)
+def git_rev() -> str:
+    """``git rev-parse HEAD`` of the package's checkout, or "unknown"."""
+    here = os.path.dirname(os.path.abspath(dlfix_jax.__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here,
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def _fmt_s(s: float | None) -> str:
+    if s is None or not np.isfinite(s):
+        return "?"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m
+                                                else f"{sec}s")
+
+
+def approach_names(config) -> list[str]:
+    """The approaches of ``config.approaches`` ("all" or a comma list)."""
+    from dlfix_jax import fixers
+    spec = config.approaches
+    if isinstance(spec, str):
+        spec = spec.strip()
+        if spec == "all":
+            if not fixers.names():
+                raise ValueError(
+                    "approaches='all' but no fixer is registered (the "
+                    "modules in dlfix_jax.fixers._FIXER_MODULES register "
+                    "them on import)")
+            return fixers.names()
+        items = [s.strip() for s in spec.split(",") if s.strip()]
+    else:
+        items = [str(s) for s in spec]
+    for name in items:
+        fixers.get(name)  # raises KeyError listing the registered ones
+    if not items:
+        raise ValueError("config.approaches names no approach")
+    if len(set(items)) != len(items):
+        raise ValueError(f"approaches listed twice in {items}")
+    return items
+
+
+def _ensemble_names(config) -> list[str]:
+    spec = config.get("ensembles", "") or ""
+    if isinstance(spec, str):
+        return [s.strip() for s in spec.split(",") if s.strip()]
+    return [str(s) for s in spec]
+
+
+def fixer_config(spec, overrides) -> ml_collections.ConfigDict:
+    """The fixer's default config updated with the study's overrides.
+
+    Raises:
+      KeyError: an override names a key the fixer's default config lacks
+        (a typo would otherwise silently run the default).
+    """
+    cfg = spec.default_config()
+    if overrides:
+        ov = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(
+            overrides)
+        _check_keys(cfg, ov, spec.name)
+        cfg.update_from_flattened_dict(_flatten(ov))
+    return cfg
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_keys(cfg, ov: dict, name: str, prefix: str = "") -> None:
+    for k, v in ov.items():
+        if k not in cfg:
+            raise KeyError(f"study config overrides {prefix}{k!r} of fixer "
+                           f"{name!r}, which has no such key; its keys: "
+                           f"{sorted(cfg.keys())}")
+        if isinstance(v, dict):
+            _check_keys(cfg[k], v, name, f"{prefix}{k}.")
+
+
+def _info_summary(info: Any, max_list: int = 64) -> Any:
+    """A JSON-safe, size-bounded summary of ``FixResult.info``: arrays with
+    more than ``max_list`` elements become {shape, dtype, min, max, mean}."""
+    if isinstance(info, dict):
+        return {str(k): _info_summary(v, max_list) for k, v in info.items()}
+    if isinstance(info, (list, tuple)):
+        if len(info) > max_list:
+            return {"len": len(info), "head": _info_summary(
+                list(info[:8]), max_list)}
+        return [_info_summary(v, max_list) for v in info]
+    if hasattr(info, "shape") and hasattr(info, "dtype"):
+        try:
+            a = np.asarray(info)
+        except Exception:  # noqa: BLE001 - typed PRNG keys and the like
+            return str(info)
+        if a.size > max_list:
+            out = {"shape": list(a.shape), "dtype": str(a.dtype)}
+            if a.dtype.kind in "biuf" and a.size:
+                f = a.astype(np.float64)
+                out.update(min=float(np.nanmin(f)), max=float(np.nanmax(f)),
+                           mean=float(np.nanmean(f)))
+            return out
+        return store_lib.json_safe(a)
+    return store_lib.json_safe(info)
+
+
+def _index(tree, i: int):
+    return jax.tree_util.tree_map(lambda a: a[i], tree)
+
+
+def _all_finite(tree) -> bool:
+    leaves = [a for a in jax.tree_util.tree_leaves(tree)
+              if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.inexact)]
+    return all(bool(jnp.all(jnp.isfinite(a))) for a in leaves)
+
+
+# ---------------------------------------------------------------------------
+# Timing and the time budget.
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raises :class:`FixTimeout` in the main thread after ``seconds``.
+
+    A no-op when ``seconds`` is falsy, off the main thread or where
+    ``SIGALRM`` does not exist. The exception is raised at the next Python
+    bytecode boundary: a running XLA computation or C call finishes first.
+    """
+    usable = (seconds and seconds > 0 and hasattr(signal, "setitimer")
+              and threading.current_thread() is threading.main_thread())
+    if not usable:
+        yield
+        return
+
+    def handler(signum, frame):
+        del signum, frame
+        raise FixTimeout(f"time budget of {seconds:g}s exceeded")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, float(seconds))
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+# ---------------------------------------------------------------------------
+# Running a fixer over seeds.
+
+
+def seed_keys(config, n: int) -> list[jax.Array]:
+    """Key of seed s: ``fold_in(fold_in(key(config.seed), STREAM_FIX), s)``."""
+    base = jax.random.fold_in(jax.random.key(int(config.seed)), STREAM_FIX)
+    return [jax.random.fold_in(base, s) for s in range(n)]
+
+
+def run_sequential(spec, problem, cfg, keys: Sequence[jax.Array],
+                   budget_s: float | None,
+                   progress: Callable[[int, dict], None] | None = None
+                   ) -> list[dict]:
+    """Runs ``spec.fix`` once per key. Returns one outcome dict per key:
+    {"status": "ok"|"failure", "reason", "variables", "info", "time_s",
+    "time_compile_s", "time_execute_s"}."""
+    outs: list[dict] = []
+    timed_out = None
+    for s, key in enumerate(keys):
+        if timed_out is not None:
+            outs.append({"status": "failure", "variables": None, "info": {},
+                         "reason": f"not run: seed {timed_out} exceeded the "
+                                   f"time budget of {budget_s:g}s",
+                         "time_s": None, "time_compile_s": None,
+                         "time_execute_s": None})
+            if progress:
+                progress(s, outs[-1])
+            continue
+        t0 = time.perf_counter()
+        out = {"variables": None, "info": {}, "reason": None}
+        timer = timing.Timer()
+        try:
+            with timer, time_limit(budget_s):
+                res = spec.fix(key, problem, cfg)
+                jax.block_until_ready(res.variables)
+            out.update(status="ok", variables=res.variables, info=res.info)
+        except FixTimeout as e:
+            out.update(status="failure", reason=f"timeout: {e}")
+        except Exception as e:  # noqa: BLE001 - any fixer error is a result
+            logging.warning("fixer %s seed %d raised:\n%s", spec.name, s,
+                            traceback.format_exc())
+            out.update(status="failure",
+                       reason=f"{type(e).__name__}: {e}"[:2000])
+        dt = time.perf_counter() - t0
+        out.update(time_s=dt, time_compile_s=timer.compile_s,
+                   time_execute_s=max(dt - timer.compile_s, 0.0))
+        if budget_s and dt > budget_s:
+            if out["status"] == "ok" or out["reason"].startswith("timeout"):
+                out.update(status="failure", variables=None, reason=(
+                    f"timeout: time budget of {budget_s:g}s exceeded "
+                    f"({dt:.1f}s)"))
+            timed_out = s
+        outs.append(out)
+        if progress:
+            progress(s, out)
+    return outs
+
+
+def run_vmapped(spec, problem, cfg, keys: Sequence[jax.Array],
+                budget_s: float | None) -> list[dict]:
+    """Runs all seeds in one ``vmap(fix)`` call; same outcome dicts as
+    :func:`run_sequential` with the batch's times divided by S."""
+    n = len(keys)
+    stacked = jnp.stack(keys)
+    # The registry's contract (FixerSpec.vmappable) is exactly
+    # ``jax.vmap(fix, in_axes=(0, None, None))``: the problem is not traced
+    # (fixers may do host work on it) and each fixer jits its own kernels.
+    fn = jax.vmap(lambda k: spec.fix(k, problem, cfg))
+    t0 = time.perf_counter()
+    timer = timing.Timer()
+    try:
+        with timer, time_limit(budget_s * n if budget_s else None):
+            res = fn(stacked)
+            jax.block_until_ready(res.variables)
+    except Exception as e:  # noqa: BLE001
+        dt = time.perf_counter() - t0
+        if isinstance(e, FixTimeout):
+            reason = f"timeout: {e} (vmapped over {n} seeds)"
+        else:
+            logging.warning("fixer %s (vmapped) raised:\n%s", spec.name,
+                            traceback.format_exc())
+            reason = f"{type(e).__name__}: {e}"[:2000]
+        return [{"status": "failure", "reason": reason, "variables": None,
+                 "info": {}, "time_s": dt / n, "time_compile_s": None,
+                 "time_execute_s": None, "batch_time_s": dt}
+                for _ in range(n)]
+    total, compile_s = timer.total_s, timer.compile_s
+    outs = []
+    for s in range(n):
+        out = {"status": "ok", "reason": None,
+               "variables": _index(res.variables, s),
+               "info": _index(res.info, s), "time_s": total / n,
+               "time_compile_s": compile_s / n,
+               "time_execute_s": timer.execute_s / n, "batch_time_s": total,
+               "batch_compile_s": compile_s}
+        if budget_s and total > budget_s * n:
+            out.update(status="failure", variables=None, reason=(
+                f"timeout: time budget of {budget_s:g}s per seed exceeded "
+                f"({total:.1f}s for {n} vmapped seeds)"))
+        outs.append(out)
+    return outs
+
+
+# ---------------------------------------------------------------------------
+# Evaluation.
+
+
+def _split_arrays(split):
+    return np.asarray(split.x), np.asarray(split.y, np.int32)
+
+
+def check_corrupted(model, fixed_list: Sequence[dict], dataset,
+                    margin: float, batch_size: int) -> list[str | None]:
+    """Per fixed model: None, or why it is corrupted (non-finite parameters
+    or test logits, or accuracy <= 100/num_classes + margin)."""
+    from dlfix_jax.study import seeds as seeds_lib
+    x, y = _split_arrays(dataset.test)
+    chance = 100.0 / dataset.num_classes
+    out = []
+    for v in fixed_list:
+        if not _all_finite(v):
+            out.append("non-finite parameters")
+            continue
+        stacked = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], v)
+        pred, finite = seeds_lib.predict_stack(
+            model, stacked, x, batch_size, "sequential", return_finite=True)
+        n_bad = int(np.sum(~finite[0]))
+        if n_bad:
+            out.append(f"non-finite outputs on {n_bad}/{len(y)} test inputs")
+            continue
+        acc = 100.0 * float(np.mean(pred[0] == y))
+        if acc <= chance + margin:
+            out.append(f"accuracy {acc:.2f}% <= chance {chance:.2f}% + "
+                       f"margin {margin:g}")
+            continue
+        out.append(None)
+    return out
+
+
+def evaluate_fixed(key, model, variables, fixed_list, dataset, pair_cfg,
+                   config, asr: bool = True) -> list[dict]:
+    """Metrics of the given fixed models evaluated together (one ASR sample
+    for all of them); returns one metrics dict per model. ``asr=False`` (used
+    for corrupted models) skips PGD whatever the pair's config says."""
+    from dlfix_jax.metrics import evaluate as evaluate_lib
+    from dlfix_jax.study import seeds as seeds_lib
+    stacked = seeds_lib.stack_variables(fixed_list)
+    acfg = pair_cfg.asr
+    res = evaluate_lib.evaluate_models(
+        key, model, variables, stacked, dataset,
+        asr=bool(asr and acfg.enabled),
+        aaod=dataset.test.group is not None,
+        eps=acfg.eps, softmax=acfg.softmax, n_samples=int(acfg.n_samples),
+        strategy=str(config.eval_strategy),
+        batch_size=int(config.eval_batch_size))
+    return [_per_seed(res, s) for s in range(len(fixed_list))]
+
+
+def _per_seed(res: dict, s: int) -> dict:
+    """Seed ``s``'s metrics from an ``evaluate_models`` result (per-seed
+    values are sequences of length S; originals are scalars)."""
+    out = {}
+    for k in METRIC_KEYS:
+        if k.startswith("time"):
+            continue
+        v = res.get(k)
+        if v is None:
+            out[k] = None
+            continue
+        a = np.asarray(v)
+        out[k] = (a.item() if a.ndim == 0 else a[s].item())
+    return out
+
+
+def _predict_probs(fn, x, batch_size: int) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(jnp.asarray(x[i:i + batch_size])))
+                           for i in range(0, len(x), batch_size)])
+
+
+@functools.lru_cache(maxsize=None)
+def _combo_attack(name: str, model, temperature: float | None, steps: int,
+                  rel_stepsize: float):
+    """Jitted L∞ PGD against combination ``name`` of (model, model): the
+    variables, key and inputs are traced, so it compiles once per name (US:
+    once per fitted temperature). The loss is cross-entropy on the log of
+    the combination's probabilities (= −log p_y), the success is judged on
+    the final iterate, exactly as :mod:`dlfix_jax.metrics.pgd` otherwise."""
+    from dlfix_jax import ensembles
+    from dlfix_jax.metrics import pgd
+
+    @jax.jit
+    def attack(vo, vr, key, x0, y, start, eps, lo, hi):
+        fn, _ = ensembles.predict_fn(name, key, model, vo, model, vr,
+                                     temperature=temperature)
+
+        def logp(x):
+            return jnp.log(jnp.maximum(fn(x), 1e-30))
+
+        grad = jax.grad(lambda x: jnp.sum(pgd.foolbox_crossentropy(logp(x),
+                                                                   y)))
+
+        def step(_, x):
+            x = x + rel_stepsize * eps * jnp.sign(grad(x))
+            x = x0 + jnp.clip(x - x0, -eps, eps)
+            return jnp.clip(x, lo, hi)
+
+        x = jax.lax.fori_loop(0, steps, step, start)
+        return jnp.argmax(fn(x), -1) != y
+
+    return attack
+
+
+def evaluate_ensembles(key, model, variables, fixed_list, dataset,
+                       names: Sequence[str], pair_cfg, config) -> list[dict]:
+    """Per fixed model, ``{combo: {acc, rr, nfr, asr, aaod}}`` of the
+    post-processing combinations of :mod:`dlfix_jax.ensembles` (M_o with
+    that fixed model) on the test split; US fits its temperature on the
+    validation inputs (unlabeled).
+
+    ASR of a combination: L∞ PGD with the study's settings (40 steps, step
+    ε/30, random start, bounds = min/max of the sample) on up to
+    ``asr.n_samples`` test inputs, drawn with the key, that the original
+    model and the combination both classify correctly; the loss is
+    cross-entropy on the combination's log-probabilities. UP/UD reuse one
+    key per evaluation (a fixed noise/dropout draw), so the attacked
+    function is deterministic. AAOD only when the dataset has groups.
+    """
+    from dlfix_jax import ensembles
+    from dlfix_jax.metrics import classification as cls
+    from dlfix_jax.metrics import fairness, pgd
+    from dlfix_jax.study import seeds as seeds_lib
+    x = np.asarray(dataset.test.x, np.float32)
+    y = np.asarray(dataset.test.y, np.int32)
+    ux = np.asarray(dataset.valid.x, np.float32)
+    group = dataset.test.group
+    bs = int(config.eval_batch_size)
+    acfg = pair_cfg.asr
+    eps = acfg.eps if acfg.eps is not None else pgd.epsilon_for(dataset.name)
+    po = seeds_lib.predict(model, variables, x, bs)
+    out = []
+    for s, vr in enumerate(fixed_list):
+        res = {}
+        for i, name in enumerate(names):
+            k = jax.random.fold_in(jax.random.fold_in(key, s), i)
+            fn, info = ensembles.predict_fn(name, k, model, variables, model,
+                                            vr, unlabeled_x=ux)
+            pf = np.argmax(_predict_probs(fn, x, bs), -1)
+            fl = cls.to_python(cls.flips(po, pf, y))
+            m = {"acc": float(cls.accuracy(pf, y)), "rr": fl["rr"],
+                 "nfr": fl["nfr"], "asr": None, "aaod": None}
+            if group is not None:
+                m["aaod"] = float(fairness.aaod(pf, y, group,
+                                                dataset.num_classes))
+            if acfg.enabled:
+                ka, kb = jax.random.split(jax.random.fold_in(k, 1))
+                idx = pgd.select_samples(ka, (po == y) & (pf == y),
+                                         int(acfg.n_samples))
+                if len(idx):
+                    x0 = x[idx]
+                    lo, hi = float(x0.min()), float(x0.max())
+                    start = pgd.random_start_points(kb, x0, eps, (lo, hi))
+                    attack = _combo_attack(name, model,
+                                           info.get("temperature"),
+                                           pgd.STEPS, pgd.REL_STEPSIZE)
+                    succ = attack(variables, vr, k, jnp.asarray(x0),
+                                  jnp.asarray(y[idx]), start,
+                                  jnp.float32(eps), jnp.float32(lo),
+                                  jnp.float32(hi))
+                    m["asr"] = 100.0 * float(np.mean(np.asarray(succ)))
+            res[name] = m
+        out.append(res)
+    return out
+
+
+# ---------------------------------------------------------------------------
+# The study.
+
+
+class _Progress:
+    """Elapsed time and ETA over the cells that need computing."""
+
+    def __init__(self, todo: int):
+        self.todo, self.done, self.t0 = todo, 0, time.time()
+
+    def step(self, n: int = 1) -> str:
+        self.done += n
+        el = time.time() - self.t0
+        eta = el / self.done * (self.todo - self.done) if self.done else None
+        return (f"[{self.done}/{self.todo}] elapsed {_fmt_s(el)}, ETA "
+                f"{_fmt_s(eta)}")
+
+
+def _pair_items(config) -> list[tuple[str, Any]]:
+    return sorted(config.pairs.items())
+
+
+def _base_record(pair_ds, pair_model, spec, seed, status, reason, cfg,
+                 started):
+    return {"key": store_lib.make_key(pair_ds, pair_model, spec.name, seed),
+            "dataset": pair_ds, "model": pair_model, "approach": spec.name,
+            "abbrev": spec.abbrev or spec.name, "seed": int(seed),
+            "status": status, "reason": reason,
+            "metrics": {k: None for k in METRIC_KEYS},
+            "fixer_config": store_lib.json_safe(cfg) if cfg is not None
+            else None,
+            "info": {}, "version": dlfix_jax.__version__, "git_rev": git_rev(),
+            "started": started, "finished": None}
+
+
+def run_study(config, workdir: str, force: bool = False) -> list[dict]:
+    """Runs (or resumes) the study of ``config`` in ``workdir``.
+
+    Args:
+      config: a study config (``experiments/configs/study_*.py``).
+      workdir: output directory: ``results.jsonl`` (the store), ``base/``
+        (base models), ``config.json``.
+      force: recompute every cell; newer records supersede older ones.
+
+    Returns:
+      The store's records (newest per key) for this config's cells, in
+      grid order.
+    """
+    from dlfix_jax import data as data_lib
+    from dlfix_jax import fixers
+    from dlfix_jax.training import checkpoint, train as train_lib
+
+    os.makedirs(workdir, exist_ok=True)
+    store = store_lib.Store(workdir)
+    S = int(config.num_seeds)
+    if S < 1:
+        raise ValueError(f"num_seeds must be >= 1, got {S}")
+    approaches = approach_names(config)
+    combos = _ensemble_names(config)
+    budget = float(config.time_budget_s or 0.0) or None
+    strategy = str(config.fix_strategy)
+    if strategy not in ("auto", "vmap", "sequential"):
+        raise ValueError(f"fix_strategy must be auto, vmap or sequential, "
+                         f"got {strategy!r}")
+    checkpoint.atomic_write_json(os.path.join(workdir, "config.json"),
+                                 store_lib.json_safe(config.to_dict()))
+    root = jax.random.key(int(config.seed))
+    keys = seed_keys(config, S)
+
+    with store.lock():
+        done = set() if force else store.completed_keys()
+        grid = []  # (pair name, dataset, model, approach, seeds to compute)
+        for pname, pcfg in _pair_items(config):
+            ds_name, m_name = pcfg.train.dataset.name, pcfg.train.model.name
+            for a in approaches:
+                missing = [s for s in range(S) if store_lib.make_key(
+                    ds_name, m_name, a, s) not in done]
+                grid.append((pname, ds_name, m_name, a, missing))
+        todo = sum(len(g[4]) for g in grid)
+        logging.info("study %s: %d pairs x %d approaches x %d seeds; %d "
+                     "cells to compute, %d already in %s",
+                     config.get("name", ""), len(config.pairs),
+                     len(approaches), S, todo,
+                     len(grid) * S - todo, store.path)
+        progress = _Progress(todo)
+        loaded = {}
+        for pname, ds_name, m_name, a, missing in grid:
+            if not missing:
+                logging.info("skip %s/%s/%s: all %d seeds recorded", ds_name,
+                             m_name, a, S)
+                continue
+            pcfg = config.pairs[pname]
+            if pname not in loaded:
+                loaded[pname] = _load_pair(pcfg, workdir, data_lib,
+                                           train_lib, checkpoint, fixers)
+            model, variables, dataset, problem = loaded[pname]
+            spec = fixers.get(a)
+            recs = _run_approach(
+                spec, model, variables, dataset, problem, pcfg, config, keys,
+                budget, strategy, combos,
+                jax.random.fold_in(root, STREAM_EVAL), progress)
+            keep = [r for r in recs if r["seed"] in set(missing)]
+            store.append_many(keep)
+            for r in keep:
+                m = r["metrics"]
+                logging.info(
+                    "recorded %s: %s%s | acc %s rr %s nfr %s asr %s",
+                    r["key"], r["status"],
+                    f" ({r['reason']})" if r["reason"] else "",
+                    _f(m.get("acc")), _f(m.get("rr")), _f(m.get("nfr")),
+                    _f(m.get("asr")))
+        if force:
+            removed = store.compact()
+            if removed:
+                logging.info("compacted %s: %d superseded records removed",
+                             store.path, removed)
+    latest = store.records()
+    order = [store_lib.make_key(g[1], g[2], g[3], s) for g in grid
+             for s in range(S)]
+    return [latest[k] for k in order if k in latest]
+
+
+def _f(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _load_pair(pcfg, workdir, data_lib, train_lib, checkpoint, fixers):
+    """Trains or loads the pair's base model; returns (model, variables,
+    dataset, problem)."""
+    tcfg = pcfg.train
+    dataset = data_lib.load(tcfg.dataset.name, data_dir=tcfg.dataset.data_dir,
+                            seed=tcfg.dataset.seed)
+    base_dir = os.path.join(workdir, "base",
+                            f"{tcfg.dataset.name}_{tcfg.model.name}")
+    res = train_lib.train_and_evaluate(tcfg, base_dir, dataset=dataset)
+    logging.info("base model %s: %s (test accuracy %.4f)", base_dir,
+                 "loaded" if res.loaded else "trained",
+                 res.metrics["test_accuracy"])
+    target = jax.eval_shape(res.model.init, jax.random.key(0))
+    history = None
+    if checkpoint.history_epochs(base_dir):
+        history = checkpoint.load_history(base_dir, target=target)
+    problem = fixers.make_problem(res.model, res.variables, dataset,
+                                  history=history)
+    return res.model, res.variables, dataset, problem
+
+
+def _run_approach(spec, model, variables, dataset, problem, pcfg, config,
+                  keys, budget, strategy, combos, eval_key, progress
+                  ) -> list[dict]:
+    """Every seed's record of one approach on one pair."""
+    ds_name, m_name = pcfg.train.dataset.name, pcfg.train.model.name
+    S = len(keys)
+    started = _now()
+    overrides = config.fixers.get(spec.name) if "fixers" in config else None
+    cfg = fixer_config(spec, overrides)
+    recs = [_base_record(ds_name, m_name, spec, s, "ok", None, cfg, started)
+            for s in range(S)]
+    reason = spec.applicable(model, dataset)
+    if reason:
+        for r in recs:
+            r.update(status="unadaptable", reason=str(reason),
+                     finished=_now())
+        logging.info("%s/%s/%s: unadaptable (%s) %s", ds_name, m_name,
+                     spec.name, reason, progress.step(S))
+        return recs
+
+    mode = ("vmap" if spec.vmappable and strategy != "sequential"
+            else "sequential")
+    if strategy == "vmap" and not spec.vmappable:
+        logging.info("fixer %s is not vmappable; running sequentially",
+                     spec.name)
+    logging.info("%s/%s/%s: fixing %d seeds (%s)", ds_name, m_name,
+                 spec.name, S, mode)
+
+    def on_seed(s, out):
+        logging.info("%s/%s/%s seed %d: %s in %s%s %s", ds_name, m_name,
+                     spec.name, s, "fixed" if out["status"] == "ok"
+                     else "FAILED", _fmt_s(out["time_s"]),
+                     f" ({out['reason']})" if out["reason"] else "",
+                     progress.step())
+
+    if mode == "vmap":
+        outs = run_vmapped(spec, problem, cfg, keys, budget)
+        for s, out in enumerate(outs):
+            on_seed(s, out)
+    else:
+        outs = run_sequential(spec, problem, cfg, keys, budget, on_seed)
+
+    for r, out in zip(recs, outs):
+        r["status"], r["reason"] = out["status"], out["reason"]
+        r["metrics"].update(time_s=out["time_s"],
+                            time_compile_s=out["time_compile_s"],
+                            time_execute_s=out["time_execute_s"])
+        r["info"] = _info_summary(out["info"])
+        r["execution"] = {"mode": mode, "seeds_in_call": S if mode == "vmap"
+                          else 1}
+        if "batch_time_s" in out:
+            r["execution"].update(batch_time_s=out["batch_time_s"],
+                                  batch_compile_s=out.get("batch_compile_s"))
+
+    ok = [s for s, o in enumerate(outs) if o["status"] == "ok"]
+    fixed = [outs[s]["variables"] for s in ok]
+    if ok:
+        bs = int(config.eval_batch_size)
+        why = check_corrupted(model, fixed, dataset,
+                              float(config.corrupt_margin), bs)
+        good = [s for s, w in zip(ok, why) if w is None]
+        bad = [(s, w) for s, w in zip(ok, why) if w is not None]
+        if good:
+            ms = evaluate_fixed(eval_key, model, variables,
+                                [outs[s]["variables"] for s in good], dataset,
+                                pcfg, config)
+            for s, m in zip(good, ms):
+                recs[s]["metrics"].update(m)
+        if bad:
+            ms = evaluate_fixed(eval_key, model, variables,
+                                [outs[s]["variables"] for s, _ in bad],
+                                dataset, pcfg, config, asr=False)
+            for (s, w), m in zip(bad, ms):
+                recs[s].update(status="corrupted", reason=w)
+                recs[s]["metrics"].update(m)
+        if combos and good:
+            ens = evaluate_ensembles(
+                jax.random.fold_in(eval_key, STREAM_ENSEMBLE), model,
+                variables, [outs[s]["variables"] for s in good], dataset,
+                combos, pcfg, config)
+            for s, e in zip(good, ens):
+                recs[s]["ensembles"] = e
+    finished = _now()
+    for r in recs:
+        r["finished"] = finished
+    return recs

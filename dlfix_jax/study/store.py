@@ -1,0 +1,275 @@
+"""Append-only JSONL results store: ``DIR/results.jsonl``.
+
+One record per study cell, keyed ``"dataset/model/approach/seed"``. The file
+is the only state of a study, so it must survive a crash or a ``kill -9`` at
+any instant:
+
+* **Atomic appends.** Each call to :meth:`Store.append` (or
+  :meth:`Store.append_many`) serialises its record(s) to complete lines and
+  writes them with a single ``os.write`` on an ``O_APPEND`` file descriptor,
+  then ``fsync``\\ s. A killed process leaves either the whole write or, at
+  worst (power loss, a full disk), a *torn trailing line* without its newline.
+* **Torn-line repair.** Opening a store truncates a trailing partial line (the
+  bytes after the last ``\\n``) before anything is appended, and logs how many
+  bytes were dropped; a torn record is therefore never completed by the next
+  append into a corrupt line, and never counted as done. Complete lines that
+  are not valid JSON (which our writes cannot produce) are skipped on load
+  with a warning rather than silently trusted.
+* **Supersession.** ``--force`` recomputes a cell and appends a newer record
+  for the same key. :meth:`Store.records` returns, per key, the **last**
+  record in the file (the newest supersedes older ones);
+  :meth:`Store.compact` rewrites the file with one line per key (temp file,
+  ``fsync``, ``os.replace``, directory ``fsync``), which the runner calls at
+  the end of a forced run so the file has no superseded lines left.
+* **No duplicates.** The runner skips keys in :meth:`completed_keys`, so a
+  rerun never appends a second record for a finished cell.
+* **One writer.** :meth:`Store.lock` takes an exclusive ``flock`` on
+  ``DIR/results.lock`` (released by the kernel when the process dies) so two
+  runners cannot interleave on one store.
+
+Record schema (the report reads exactly this; see ``dlfix_jax.study.runner``)::
+
+  {"key", "dataset", "model", "approach", "abbrev", "seed": int,
+   "status": "ok" | "unadaptable" | "failure" | "corrupted",
+   "reason": str | null,
+   "metrics": {"acc", "acc_orig", "d_acc", "rr", "nfr", "repaired", "broken",
+               "asr", "asr_orig", "d_asr", "aaod", "aaod_orig", "d_aaod",
+               "time_s", "time_compile_s", "time_execute_s"},
+   "ensembles": {"NO"|"SV"|"HV"|"UP"|"UD"|"US": {"acc", "rr", "nfr", "asr",
+                 "aaod"}},                                     # optional
+   "fixer_config": {...}, "info": {...}, "execution": {...},
+   "version": str, "git_rev": str, "started": iso, "finished": iso}
+
+JSON has no NaN/Infinity, so :func:`json_safe` turns non-finite floats into
+``null`` (a relative change against a zero baseline, a NaN metric of a
+corrupted model); every metric that is ``null`` is therefore "not applicable
+or not finite".
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+from typing import Any, Iterable, Iterator
+
+FILENAME = "results.jsonl"
+LOCKNAME = "results.lock"
+STATUSES = ("ok", "unadaptable", "failure", "corrupted")
+
+log = logging.getLogger(__name__)
+
+
+def make_key(dataset: str, model: str, approach: str, seed: int) -> str:
+    """The cell key ``"dataset/model/approach/seed"``."""
+    for part, what in ((dataset, "dataset"), (model, "model"),
+                       (approach, "approach")):
+        if not part or "/" in str(part):
+            raise ValueError(f"{what} {part!r} must be non-empty without '/'")
+    return f"{dataset}/{model}/{approach}/{int(seed)}"
+
+
+def json_safe(obj: Any) -> Any:
+    """A JSON-serialisable copy of ``obj``.
+
+    numpy/jax scalars and arrays become Python numbers/lists, tuples become
+    lists, non-finite floats become None, other objects their ``str``.
+    """
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ConfigDict
+        return json_safe(obj.to_dict())
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy / jax arrays
+        try:
+            return json_safe(obj.tolist())
+        except Exception:  # noqa: BLE001 - e.g. a typed PRNG key array
+            return str(obj)
+    if hasattr(obj, "item"):
+        return json_safe(obj.item())
+    return str(obj)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """One ``os.write``; a regular-file write is complete in one call, the
+    loop only guards against a short write (e.g. a nearly full disk)."""
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+class Store:
+    """The append-only JSONL store in ``directory``.
+
+    Opening repairs a torn trailing line (see the module docstring).
+    """
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.path = os.path.join(directory, FILENAME)
+        os.makedirs(directory, exist_ok=True)
+        self.repaired_bytes = self._repair()
+
+    # -- integrity ---------------------------------------------------------
+    def _repair(self) -> int:
+        """Truncates a trailing partial line; returns the bytes dropped."""
+        if not os.path.exists(self.path):
+            return 0
+        with open(self.path, "rb+") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size == 0:
+                return 0
+            f.seek(size - 1)
+            if f.read(1) == b"\n":
+                return 0
+            # Find the last newline by reading backwards in blocks.
+            pos, keep = size, 0
+            while pos > 0:
+                step = min(65536, pos)
+                pos -= step
+                f.seek(pos)
+                block = f.read(step)
+                i = block.rfind(b"\n")
+                if i >= 0:
+                    keep = pos + i + 1
+                    break
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        dropped = size - keep
+        log.warning("results store %s: dropped a torn trailing line of %d "
+                    "bytes (an interrupted write); its cell will be recomputed",
+                    self.path, dropped)
+        return dropped
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive writer lock; raises RuntimeError if another process
+        holds it."""
+        import fcntl
+        fd = os.open(os.path.join(self.directory, LOCKNAME),
+                     os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raise RuntimeError(
+                    f"another process is writing {self.path} (lock "
+                    f"{LOCKNAME} is held); wait for it or use another "
+                    f"workdir") from e
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock
+
+    # -- writing -----------------------------------------------------------
+    @staticmethod
+    def _line(record: dict) -> bytes:
+        if not isinstance(record, dict) or "key" not in record:
+            raise ValueError("a record must be a dict with a 'key'")
+        status = record.get("status")
+        if status not in STATUSES:
+            raise ValueError(f"record {record['key']!r}: status {status!r} "
+                             f"not in {STATUSES}")
+        text = json.dumps(json_safe(record), sort_keys=True, allow_nan=False,
+                          separators=(",", ":"))
+        if "\n" in text:  # json.dumps escapes newlines in strings
+            raise AssertionError("serialised record contains a newline")
+        return (text + "\n").encode("utf-8")
+
+    def append_many(self, records: Iterable[dict]) -> None:
+        """Appends records with one ``os.write`` and one ``fsync``."""
+        data = b"".join(self._line(r) for r in records)
+        if not data:
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def append(self, record: dict) -> None:
+        """Appends one record atomically (one write, then fsync)."""
+        self.append_many([record])
+
+    # -- reading -----------------------------------------------------------
+    def all_records(self) -> list[dict]:
+        """Every complete, valid record in file order (superseded included).
+
+        A trailing line without a newline (a write in progress in another
+        process) is ignored, not parsed.
+        """
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path, "rb") as f:
+            data = f.read()
+        out = []
+        lines = data.split(b"\n")
+        for n, line in enumerate(lines[:-1], 1):  # last piece: after final \n
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                log.warning("results store %s: line %d is not valid JSON; "
+                            "ignored", self.path, n)
+                continue
+            if not isinstance(rec, dict) or "key" not in rec:
+                log.warning("results store %s: line %d has no key; ignored",
+                            self.path, n)
+                continue
+            out.append(rec)
+        return out
+
+    def records(self) -> dict[str, dict]:
+        """The newest record per key (insertion order of first appearance)."""
+        latest: dict[str, dict] = {}
+        for rec in self.all_records():
+            latest[rec["key"]] = rec
+        return latest
+
+    def completed_keys(self) -> set[str]:
+        """Keys that have a record (any status: every status is final)."""
+        return set(self.records())
+
+    def compact(self) -> int:
+        """Rewrites the file with only the newest record per key, atomically.
+
+        Returns the number of superseded lines removed (0: nothing written).
+        """
+        all_recs = self.all_records()
+        latest: dict[str, dict] = {}
+        for rec in all_recs:
+            latest[rec["key"]] = rec
+        removed = len(all_recs) - len(latest)
+        if removed == 0:
+            return 0
+        # Keep the order of the newest records as they appear in the file.
+        newest_ids = {id(r) for r in latest.values()}
+        keep = [r for r in all_recs if id(r) in newest_ids]
+        tmp = self.path + ".tmp"
+        data = b"".join(self._line(r) for r in keep)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        dfd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+        return removed

@@ -1,0 +1,286 @@
+"""Saving and loading model variables, training histories and whole models.
+
+Formats (never pickle):
+
+* **Final variables**: one file, ``flax.serialization.msgpack_serialize`` of
+  the variables dict (``{"params": ..., "batch_stats": ...}``), written
+  atomically (temporary file + ``os.replace``). :func:`save_variables` /
+  :func:`load_variables`.
+* **Training history**: one orbax checkpoint per epoch under
+  ``<workdir>/checkpoints/<epoch>`` (epochs numbered from 1), written by an
+  ``orbax.checkpoint.CheckpointManager`` with ``StandardSave``. This is the
+  history NeuRecover needs. :func:`history_manager` / :func:`load_history`.
+* **A model**: :func:`load_model` takes either a training workdir of ours
+  (``metrics.json`` or ``config.json`` + ``variables.msgpack``) or a Keras
+  ``.h5`` file (through :mod:`dlfix_jax.models.keras_h5`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import serialization
+
+VARIABLES_FILE = "variables.msgpack"
+METRICS_FILE = "metrics.json"
+CONFIG_FILE = "config.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class CheckpointError(Exception):
+    """A path is not a model, workdir or variables file we can read. The
+    message names the path and what was expected there."""
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    """Writes ``data`` to ``path`` via a temporary file and ``os.replace``,
+    so a reader never sees a half-written file."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory,
+                               prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True)
+                              + "\n").encode("utf-8"))
+
+
+def _to_numpy(tree):
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def save_variables(path: str, variables: dict) -> None:
+    """Saves a variables pytree to ``path`` (msgpack, atomic)."""
+    data = serialization.msgpack_serialize(
+        serialization.to_state_dict(_to_numpy(variables)))
+    atomic_write_bytes(path, data)
+
+
+def load_variables(path: str, target: Any = None) -> dict:
+    """Loads variables saved by :func:`save_variables`.
+
+    Args:
+      path: the msgpack file.
+      target: optional pytree of the expected structure (e.g.
+        ``model.init(...)`` or a ``jax.eval_shape`` of it); when given, the
+        result has exactly its structure and a mismatch raises.
+
+    Returns:
+      The variables as a nested dict of ``jax.Array``.
+
+    Raises:
+      CheckpointError: ``path`` is missing or not a msgpack variables file,
+        or does not match ``target``.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no variables file at {path!r} (expected a "
+                              f"msgpack file written by save_variables)")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        state = serialization.msgpack_restore(raw)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise CheckpointError(
+            f"{path!r} is not a msgpack variables file: {e}") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path!r} does not hold a variables dict")
+    if target is not None:
+        _check_structure(path, target, state)
+        state = serialization.from_state_dict(target, state)
+    return jax.tree_util.tree_map(jnp.asarray, state)
+
+
+def _check_structure(path, target, state) -> None:
+    want = jax.tree_util.tree_flatten_with_path(
+        serialization.to_state_dict(target))[0]
+    got = dict(jax.tree_util.tree_flatten_with_path(state)[0])
+    for p, leaf in want:
+        if p not in got:
+            raise CheckpointError(
+                f"{path!r} lacks {jax.tree_util.keystr(p)} of the target")
+        if tuple(np.shape(got[p])) != tuple(np.shape(leaf)):
+            raise CheckpointError(
+                f"{path!r}: {jax.tree_util.keystr(p)} has shape "
+                f"{np.shape(got[p])}, target has {np.shape(leaf)}")
+
+
+# --------------------------------------------------------------------------
+# Per-epoch history (orbax).
+
+
+def history_manager(workdir: str, create: bool = True):
+    """The orbax ``CheckpointManager`` of ``<workdir>/checkpoints``.
+
+    Keeps every checkpoint (``max_to_keep=None``): the whole history is the
+    point. Saving is asynchronous; callers call ``wait_until_finished()``
+    (and ``close()``) before reading back or exiting.
+    """
+    import orbax.checkpoint as ocp  # heavy import, only when needed
+    directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    return ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            max_to_keep=None, create=create))
+
+
+def save_epoch(manager, epoch: int, variables: dict) -> None:
+    """Saves the variables after ``epoch`` (1-based) to the history."""
+    import orbax.checkpoint as ocp
+    manager.save(epoch, args=ocp.args.StandardSave(variables))
+
+
+def history_epochs(workdir: str) -> list[int]:
+    """Epoch numbers with a finished checkpoint, ascending."""
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        return []
+    manager = history_manager(workdir, create=False)
+    try:
+        return sorted(int(s) for s in manager.all_steps())
+    finally:
+        manager.close()
+
+
+def load_history(workdir: str, target: Any = None,
+                 last: int | None = None) -> list[dict]:
+    """Per-epoch variables of a training run, oldest first.
+
+    Args:
+      workdir: a training workdir (holding ``checkpoints/<epoch>``).
+      target: optional pytree giving structure, dtypes and shapes.
+      last: load only the last ``last`` epochs (NeuRecover needs two);
+        None loads all.
+
+    Returns:
+      One variables dict per saved epoch (epoch 1 first; the last is the
+      final model).
+
+    Raises:
+      CheckpointError: there is no checkpoint under ``workdir/checkpoints``.
+    """
+    import orbax.checkpoint as ocp
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(directory):
+        raise CheckpointError(
+            f"no training history at {directory!r} (expected orbax "
+            f"checkpoints checkpoints/<epoch> written by "
+            f"dlfix_jax.training.train)")
+    manager = history_manager(workdir, create=False)
+    try:
+        steps = sorted(manager.all_steps())
+        if last is not None:
+            steps = steps[-last:] if last > 0 else []
+        if not steps and last is None:
+            raise CheckpointError(f"{directory!r} holds no finished checkpoint")
+        return [manager.restore(s, args=ocp.args.StandardRestore(target))
+                for s in steps]
+    finally:
+        manager.close()
+
+
+# --------------------------------------------------------------------------
+# Whole models.
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def model_from_workdir(workdir: str):
+    """Rebuilds the :class:`~dlfix_jax.models.Model` of a training workdir.
+
+    Reads ``metrics.json`` (which records the model name, number of classes
+    and input shape); without it, ``config.json``'s ``model.name`` with the
+    model's default classes and input shape.
+    """
+    from dlfix_jax import models
+    metrics_path = os.path.join(workdir, METRICS_FILE)
+    config_path = os.path.join(workdir, CONFIG_FILE)
+    if os.path.isfile(metrics_path):
+        info = read_json(metrics_path).get("model", {})
+        if "name" in info:
+            return models.get(info["name"], num_classes=info["num_classes"],
+                              input_shape=tuple(info["input_shape"]))
+    if os.path.isfile(config_path):
+        cfg = read_json(config_path)
+        try:
+            name = cfg["model"]["name"]
+        except (KeyError, TypeError) as e:
+            raise CheckpointError(
+                f"{config_path!r} has no model.name") from e
+        return models.get(name)
+    raise CheckpointError(
+        f"{workdir!r} is not a training workdir: it has neither "
+        f"{METRICS_FILE} nor {CONFIG_FILE}")
+
+
+def load_model(path: str, history: bool | int = True):
+    """Loads a model from a training workdir of ours or a Keras ``.h5`` file.
+
+    Args:
+      path: a directory written by
+        :func:`dlfix_jax.training.train.train_and_evaluate` (or
+        ``experiments/train.py``), or a Keras HDF5 file (``.h5``/``.hdf5``).
+      history: True loads every epoch's checkpoint, an int ``k`` the last
+        ``k``, False none (big models: each epoch is a full copy).
+
+    Returns:
+      ``(model, variables, history)`` where ``history`` is the per-epoch
+      variables (oldest first) of a workdir, or None for a Keras file or a
+      workdir without checkpoints.
+
+    Raises:
+      CheckpointError: ``path`` does not exist, or is neither a workdir with
+        ``variables.msgpack`` nor an ``.h5`` file.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise CheckpointError(
+            f"model path {path!r} does not exist (expected a training workdir "
+            f"with {VARIABLES_FILE} and {METRICS_FILE}, or a Keras .h5 file)")
+    if os.path.isfile(path):
+        if path.lower().endswith((".h5", ".hdf5", ".keras")) or _is_hdf5(path):
+            from dlfix_jax.models import keras_h5  # lazy: h5py import
+            model, variables = keras_h5.load(path)
+            return model, variables, None
+        raise CheckpointError(
+            f"{path!r} is a file but not a Keras HDF5 model (.h5); pass a "
+            f"training workdir or a .h5 file")
+    var_path = os.path.join(path, VARIABLES_FILE)
+    if not os.path.isfile(var_path):
+        raise CheckpointError(
+            f"{path!r} is a directory without {VARIABLES_FILE}: not a "
+            f"finished training workdir (train with `python -m "
+            f"experiments.train --config=... --workdir={path}`)")
+    model = model_from_workdir(path)
+    target = jax.eval_shape(model.init, jax.random.key(0))
+    variables = load_variables(var_path, target=target)
+    hist = None
+    if history is not False and history_epochs(path):
+        last = None if history is True else int(history)
+        hist = load_history(path, target=target, last=last)
+    return model, variables, hist
+
+
+def _is_hdf5(path: str) -> bool:
+    with open(path, "rb") as f:
+        return f.read(8) == b"\x89HDF\r\n\x1a\n"

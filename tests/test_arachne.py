@@ -1,0 +1,101 @@
+"""Arachne: localisation, cached fitness, and a tiny end-to-end fix."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dlfix_jax.fixers as fixers
+from dlfix_jax import masks, search
+from dlfix_jax.fixers import arachne
+from dlfix_jax.models import zoo
+from tests.test_fixer_contract import tiny_problem
+
+
+def test_pareto_front():
+    g = np.array([3.0, 2.0, 1.0, 3.0, 0.5, 2.0])
+    f = np.array([1.0, 2.0, 3.0, 0.5, 3.0, 2.0])
+    # (3,1), (2,2) twice, (1,3) are non-dominated; (3,.5) and (.5,3) are not
+    assert arachne._pareto_front(g, f).tolist() == [True, True, True, False,
+                                                    False, True]
+
+
+def test_bounds_push_away_from_zero():
+    assert arachne.bounds(np.array([-1.0, 2.0])) == (-2.0, 4.0)
+    assert arachne.bounds(np.array([0.5, 2.0])) == (0.25, 4.0)
+    assert arachne.bounds(np.array([-3.0, -1.0])) == (-6.0, -0.5)
+
+
+def test_applicability():
+    assert arachne.applicable(zoo.get("lenet5"), None) is None
+    assert arachne.applicable(zoo.get("resnet18"), None) is None
+    from dlfix_jax.models.layers import spec
+    conv_last = zoo.sequential("c", [spec("conv", "c1", features=2, kernel=(1, 1)),
+                                     spec("gap", "g")], (4, 4, 1), 2)
+    reason = arachne.applicable(conv_last, None)
+    assert isinstance(reason, str) and "Dense" in reason
+    assert fixers.get("arachne").level == "neuron"
+    assert fixers.get("arachne").abbrev == "AR"
+
+
+def test_localise_and_cached_fitness_match_model():
+    model, variables, ds, problem = tiny_problem()
+    layer = arachne.target_layer(model)
+    assert layer == "dense2"
+    lp = variables["params"][layer]
+    k, b = np.asarray(lp["kernel"]), np.asarray(lp["bias"])
+    h_neg, z_neg = arachne._capture(model, variables, layer, problem.failing.x, 64)
+    y_neg = np.asarray(problem.failing.y)
+    loc1 = arachne.localise(k, b, h_neg, y_neg, 20)
+    loc2 = arachne.localise(k, b, h_neg, y_neg, 20)
+    np.testing.assert_array_equal(loc1["indices"], loc2["indices"])
+    idx = loc1["indices"]
+    assert 0 < len(idx) <= loc1["num_candidates"] <= k.size
+    # gradient matches autodiff of the summed cross-entropy
+    def loss(w):
+        z = model.apply({"params": {**variables["params"],
+                                    layer: {"kernel": w, "bias": lp["bias"]}}},
+                        problem.failing.x)
+        return jnp.sum(jax.nn.logsumexp(z, -1)
+                       - jnp.take_along_axis(z, problem.failing.y[:, None], -1)[:, 0])
+    np.testing.assert_allclose(loc1["grad"], np.abs(jax.grad(loss)(lp["kernel"])),
+                               rtol=1e-3, atol=1e-4)
+    # cached fitness == fitness recomputed from a full forward pass
+    h_pos, z_pos = arachne._capture(model, variables, layer, problem.passing.x, 64)
+    rows, cols = jnp.asarray(idx[:, 0]), jnp.asarray(idx[:, 1])
+    fit = arachne.make_fitness(
+        jnp.asarray(h_pos), problem.passing.y, jnp.asarray(z_pos),
+        jnp.asarray(h_neg), problem.failing.y, jnp.asarray(z_neg), rows, cols,
+        jnp.asarray(k[idx[:, 0], idx[:, 1]]), 10, 2.0)
+    v = jnp.asarray(k[idx[:, 0], idx[:, 1]]) + 0.3
+    mask = masks.weight_mask(variables["params"], layer, idx)
+    newp = masks.scatter(variables["params"], masks.indices_of(mask), v)
+
+    def part(x, y):
+        z = model.apply({"params": newp}, x)
+        lo = jax.nn.logsumexp(z, -1) - jnp.take_along_axis(z, y[:, None], -1)[:, 0]
+        ok = jnp.argmax(z, -1) == y
+        return jnp.sum(ok) + jnp.sum(jnp.where(ok, 0.0, 1.0 / (lo + 1.0)))
+
+    want = part(problem.passing.x, problem.passing.y) + 2.0 * part(
+        problem.failing.x, problem.failing.y)
+    np.testing.assert_allclose(float(fit(v)), float(want), rtol=1e-4)
+
+
+def test_fix_improves_fitness_and_reports():
+    model, variables, ds, problem = tiny_problem()
+    cfg = fixers.get("arachne").config(population=20, max_generations=10,
+                                       num_positive=50)
+    res = arachne.fix(jax.random.key(0), problem, cfg)
+    info = res.info
+    assert float(info["best_fitness"]) >= float(info["initial_fitness"])
+    assert int(info["num_localised"]) == len(info["localised"]) > 0
+    assert masks.count(info["mask"]) == int(info["num_localised"])
+    assert 0 < int(info["generations"]) <= 10
+    assert search.stop_reason_name(info["stop_reason"]) in search.STOP_REASONS
+    # only kernel entries of the last layer change; bias untouched
+    np.testing.assert_array_equal(np.asarray(res.variables["params"]["dense2"]["bias"]),
+                                  np.asarray(variables["params"]["dense2"]["bias"]))
+    with pytest.raises(ValueError, match="I_neg"):
+        arachne.fix(jax.random.key(0), problem.replace(failing=problem.failing.take(
+            np.zeros((0,), np.int32))), cfg)

@@ -1,0 +1,164 @@
+"""The report on a small synthetic results store."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dlfix_jax import report
+from dlfix_jax.report import tables
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _rec(dataset, approach, abbrev, seed, status="ok", **metrics):
+    rec = {"key": f"{dataset}/lenet5/{approach}/{seed}", "dataset": dataset,
+           "model": "lenet5", "approach": approach, "abbrev": abbrev,
+           "seed": seed, "status": status,
+           "reason": None if status == "ok" else f"{status} because",
+           "metrics": metrics, "fixer_config": {}, "info": {},
+           "version": "0.1.0", "git_rev": "abc", "started": "", "finished": ""}
+    return rec
+
+
+def _store(tmp_path):
+    recs = []
+    for seed, acc in enumerate((90.0, 92.0, 94.0)):
+        for ds, shift in (("digits", 0.0), ("mnist", 5.0)):
+            r = _rec(ds, "apricot", "AP", seed, acc=acc + shift,
+                     d_acc=1.0 + seed, rr=50.0, asr=20.0, d_asr=10.0,
+                     aaod=None, d_aaod=None, nfr=0.5, time_s=75.0 + seed,
+                     time_compile_s=5.0, time_execute_s=70.0 + seed)
+            if ds == "digits":
+                r["ensembles"] = {
+                    c: {"acc": acc + k, "asr": 20.0, "aaod": None,
+                        "nfr": 0.5 - 0.1 * k, "rr": 50.0}
+                    for k, c in enumerate(("NO", "SV", "HV", "UP", "UD",
+                                           "US"))}
+            recs.append(r)
+        recs.append(_rec("digits", "arachne", "AR", seed,
+                         acc=60.0 + seed, d_acc=-5.0, rr=10.0, asr=50.0,
+                         d_asr=-3.0, nfr=3.0, time_s=3700.0))
+        recs.append(_rec("mnist", "ra", "RA", seed, status="unadaptable",
+                         time_s=0.01))
+        recs.append(_rec("digits", "ra", "RA", seed, acc=70.0, rr=1.0,
+                         nfr=0.1, time_s=13.0))
+    recs.append(_rec("mnist", "arachne", "AR", 2, acc=80.0, rr=5.0,
+                     nfr=1.0, time_s=30.0))
+    for seed in (0, 1):
+        recs.append(_rec("mnist", "arachne", "AR", seed, status="failure",
+                         time_s=99.0))
+    # A record superseded by a newer one with the same key (--force).
+    old = _rec("digits", "arachne", "AR", 0, acc=10.0)
+    lines = [json.dumps(old)] + [json.dumps(r) for r in recs]
+    path = tmp_path / "results.jsonl"
+    # ... and a torn trailing line of a write in progress.
+    path.write_text("\n".join(lines) + "\n" + '{"key": "torn"')
+    return tmp_path
+
+
+def _read_csv(path):
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return rows[0], {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
+
+
+def test_cell_summaries():
+    m = tables.METRICS["acc"]
+    ok = [{"status": "ok", "metrics": {"acc": v}} for v in (1.0, 2.0, 3.0)]
+    s = tables.summarise(ok, m)
+    assert (s.mean, s.std, s.display) == (2.0, 1.0, "2.00 ± 1.00")
+    fail = [{"status": "failure"}] * 2 + [ok[0]]
+    assert tables.summarise(fail, m).display == "FAILURE (2/3); ok: 1.00"
+    assert tables.summarise([{"status": "corrupted"}] * 3,
+                            m).display == "CORRUPTED"
+    mixed = [{"status": "corrupted"}, {"status": "failure"}]
+    assert tables.summarise(mixed, m).display == \
+        "FAILURE (1/2), CORRUPTED (1/2)"
+    assert tables.summarise([{"status": "ok", "metrics": {"acc": None}}],
+                            m).display == tables.NA
+    assert [tables.format_duration(s) for s in (3.24, 17, 545, 49560)] == \
+        ["3.2s", "17s", "9m05s", "13h46m"]
+
+
+def test_report_files_and_contents(tmp_path):
+    workdir = _store(tmp_path)
+    out = report.write_report(str(workdir))
+    rdir = workdir / "report"
+    assert out["records"] == 18  # newest per key; torn line ignored
+
+    header, t1 = _read_csv(rdir / "table1.csv")
+    # Columns in the study's dataset order (mnist first), 3 metrics each.
+    assert header == ["approach", "mnist ACC", "mnist ⇑ACC", "mnist RR",
+                      "digits ACC", "digits ⇑ACC", "digits RR"]
+    assert list(t1) == ["AP", "RA", "AR"]  # study order
+    assert t1["AP"]["digits ACC"] == "92.00 ± 2.00"
+    assert t1["AP"]["mnist ACC"] == "97.00 ± 2.00"
+    assert t1["AP"]["digits ⇑ACC"] == "2.00 ± 1.00"
+    assert t1["AR"]["digits ACC"] == "61.00 ± 1.00"  # superseded 10.0 gone
+    assert t1["AR"]["mnist ACC"] == "FAILURE (2/3); ok: 80.00"
+    assert t1["RA"]["mnist RR"] == "UNADAPTABLE"
+
+    _, t2 = _read_csv(rdir / "table2.csv")
+    assert t2["AP"]["digits AAOD"] == tables.NA
+    assert t2["AP"]["digits NFR"] == "0.50 ± 0.00"
+    _, t3 = _read_csv(rdir / "table3.csv")
+    assert t3["AP"]["digits TIME"] == "1m16s ± 1.0s"
+    assert t3["AR"]["digits TIME"] == "1h01m ± 0.0s"
+
+    with open(rdir / "table1_long.csv", newline="") as f:
+        long = list(csv.DictReader(f))
+    ap = [r for r in long if r["approach"] == "AP"
+          and r["dataset"] == "digits" and r["metric"] == "ACC"][0]
+    assert float(ap["mean"]) == 92.0 and float(ap["std"]) == 2.0
+    assert ap["n_ok"] == "3" and ap["status"] == "ok"
+    ar = [r for r in long if r["approach"] == "AR"
+          and r["dataset"] == "mnist" and r["metric"] == "ACC"][0]
+    assert ar["status"] == "mixed" and ar["n_ok"] == "1"
+
+    sk_header, sk = _read_csv(rdir / "sk_groups.csv")
+    assert sk_header == ["approach", "ACC", "RR", "ASR", "AAOD", "NFR",
+                         "TIME"]
+    assert sk["AP"]["ACC"] == "a" and sk["AR"]["ACC"] == "c"
+    assert sk["RA"]["ACC"] == "b"
+    assert sk["AP"]["AAOD"] == "-"  # no AAOD observation anywhere
+    assert sk["AP"]["NFR"] == "b" and sk["RA"]["NFR"] == "a"  # lower better
+
+    for name in ("table1.png", "table2.png", "table3.png", "sk_groups.png",
+                 "box_acc.png", "box_time.png",
+                 "discussion_digits_AP.png"):
+        with open(rdir / name, "rb") as f:
+            assert f.read(8) == PNG_MAGIC, name
+    assert not (rdir / "discussion_mnist_AP.png").exists()
+    with open(rdir / "ensembles.csv", newline="") as f:
+        ens = list(csv.DictReader(f))
+    sv = [r for r in ens if r["combination"] == "SV" and r["metric"] == "acc"]
+    assert float(sv[0]["mean"]) == pytest.approx(93.0)
+
+    md = (rdir / "report.md").read_text()
+    for text in ("Table 1", "Table 2", "Table 3", "Scott-Knott ESD groups",
+                 "| AP | a |", "FAILURE (2/3)", "discussion_digits_AP.png",
+                 "unadaptable because"):
+        assert text in md, text
+    assert not [p for p in os.listdir(rdir) if p.startswith(".tmp-")]
+
+
+def test_missing_or_empty_store_is_an_error(tmp_path):
+    with pytest.raises(tables.ReportError, match="no results store"):
+        report.write_report(str(tmp_path))
+    (tmp_path / "results.jsonl").write_text("")
+    with pytest.raises(tables.ReportError, match="holds no records"):
+        report.write_report(str(tmp_path))
+    (tmp_path / "results.jsonl").write_text('{"dataset": "d"}\n')
+    with pytest.raises(tables.ReportError, match=r":1: record lacks"):
+        report.write_report(str(tmp_path))
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.report",
+         f"--workdir={tmp_path / 'nowhere'}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no results store" in proc.stderr
