@@ -33,6 +33,8 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dlfix_jax import progress
+
 config_flags.DEFINE_config_file(
     "config", None, "Base-model training config (experiments/configs/*.py).",
     lock_config=True)
@@ -149,7 +151,7 @@ def run(config, approach: str, num_seeds: int, workdir: str,
         checkpoint.save_variables(os.path.join(d, "variables.msgpack"),
                                   outs[s]["variables"])
         checkpoint.atomic_write_json(os.path.join(d, "info.json"),
-                                     runner._info_summary(outs[s]["info"]))
+                                     runner.info_summary(outs[s]["info"]))
     test = {}
     if ok:
         test = evaluate_models(jax.random.key(0), model, variables,
@@ -160,7 +162,7 @@ def run(config, approach: str, num_seeds: int, workdir: str,
     for s, o in enumerate(outs):
         rec = {"seed": s, "status": o["status"], "reason": o["reason"],
                "time_s": o["time_s"], "time_compile_s": o["time_compile_s"],
-               "info": runner._info_summary(o["info"])}
+               "info": runner.info_summary(o["info"])}
         if s in ok:
             i = ok.index(s)
             rec.update({k: test[k][i] for k in ("acc", "d_acc", "rr", "nfr",
@@ -197,6 +199,7 @@ def run(config, approach: str, num_seeds: int, workdir: str,
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    progress.quiet_orbax()
     status, m = run(FLAGS.config, FLAGS.approach, FLAGS.seeds, FLAGS.workdir,
                     FLAGS.fixer, FLAGS.eval_batch_size)
     if m:

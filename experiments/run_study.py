@@ -12,6 +12,7 @@ See ``dlfix_jax.study.runner`` for statuses, budgets and timing.
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from dlfix_jax import progress
 from dlfix_jax.study import runner
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -27,6 +28,7 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.set_verbosity(logging.INFO)
+    progress.quiet_orbax()
     config = _CONFIG.value
     logging.info("study config:\n%s", config)
     records = runner.run_study(config, _WORKDIR.value, force=_FORCE.value)

@@ -13,7 +13,10 @@ loaded instead of retrained; ``--force`` retrains.
 import os
 
 from absl import app, flags, logging
+
 from ml_collections import config_flags
+
+from dlfix_jax import progress
 
 config_flags.DEFINE_config_file(
     "config", None, "Training config file (experiments/configs/*.py).",
@@ -25,20 +28,12 @@ flags.mark_flags_as_required(["config", "workdir"])
 FLAGS = flags.FLAGS
 
 
-class _QuietOrbax:
-    """Drops orbax's per-save INFO lines (dozens per checkpoint) so the
-    trainer's progress lines stay readable; orbax warnings still show."""
-
-    def filter(self, record):
-        return record.levelno >= 30 or "orbax" not in record.pathname
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     from dlfix_jax.training import train  # after flag parsing
 
-    logging.get_absl_handler().addFilter(_QuietOrbax())
+    progress.quiet_orbax()
     config = FLAGS.config
     workdir = FLAGS.workdir
     logging.info("config:\n%s", config)

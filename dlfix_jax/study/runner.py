@@ -212,16 +212,16 @@ def _check_keys(cfg, ov: dict, name: str, prefix: str = "") -> None:
             _check_keys(cfg[k], v, name, f"{prefix}{k}.")
 
 
-def _info_summary(info: Any, max_list: int = 64) -> Any:
+def info_summary(info: Any, max_list: int = 64) -> Any:
     """A JSON-safe, size-bounded summary of ``FixResult.info``: arrays with
     more than ``max_list`` elements become {shape, dtype, min, max, mean}."""
     if isinstance(info, dict):
-        return {str(k): _info_summary(v, max_list) for k, v in info.items()}
+        return {str(k): info_summary(v, max_list) for k, v in info.items()}
     if isinstance(info, (list, tuple)):
         if len(info) > max_list:
-            return {"len": len(info), "head": _info_summary(
+            return {"len": len(info), "head": info_summary(
                 list(info[:8]), max_list)}
-        return [_info_summary(v, max_list) for v in info]
+        return [info_summary(v, max_list) for v in info]
     if hasattr(info, "shape") and hasattr(info, "dtype"):
         try:
             a = np.asarray(info)
@@ -748,7 +748,7 @@ def _run_approach(spec, model, variables, dataset, problem, pcfg, config,
         r["metrics"].update(time_s=out["time_s"],
                             time_compile_s=out["time_compile_s"],
                             time_execute_s=out["time_execute_s"])
-        r["info"] = _info_summary(out["info"])
+        r["info"] = info_summary(out["info"])
         r["execution"] = {"mode": mode, "seeds_in_call": S if mode == "vmap"
                           else 1}
         if "batch_time_s" in out:
