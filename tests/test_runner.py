@@ -320,3 +320,16 @@ def test_sigkill_then_rerun_equals_uninterrupted(tmp_path, base_dir):
     got = {r["key"]: _strip(r) for r in final}
     want = {r["key"]: _strip(r) for r in reference}
     assert got == want
+
+
+def test_ensembles_restricted_to_listed_approaches():
+    import ml_collections
+    from dlfix_jax.study import runner as runner_lib
+    cfg = ml_collections.ConfigDict({"ensembles": "NO,SV",
+                                     "ensemble_approaches": "apricot"})
+    combos = runner_lib._ensemble_names(cfg)
+    assert combos == ["NO", "SV"]
+    assert runner_lib._ensembles_for(cfg, "apricot", combos) == ["NO", "SV"]
+    assert runner_lib._ensembles_for(cfg, "arachne", combos) == []
+    cfg.ensemble_approaches = "all"
+    assert runner_lib._ensembles_for(cfg, "arachne", combos) == ["NO", "SV"]

@@ -28,9 +28,11 @@ it has its own name.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 KINDS = ("conv", "dense", "bn", "relu", "maxpool", "avgpool", "gap", "flatten",
@@ -84,6 +86,19 @@ class GlobalAvgPool(nn.Module):
 
 
 class Pool(nn.Module):
+    """Max or average pooling over H, W of an NHWC batch.
+
+    Max pooling whose windows tile the input (strides == window, and VALID
+    padding, or SAME padding on sizes divisible by the window, which pads
+    nothing) takes a fast path, :func:`tiled_max_pool`: same values and
+    same derivatives as ``nn.max_pool`` (the first maximum of a window, in
+    row-major order, gets the whole derivative, as XLA's select-and-scatter
+    does), but its backward pass is a masked broadcast instead of
+    select-and-scatter, which is slow on XLA:CPU. Every other configuration
+    (overlapping or strided windows, SAME padding that pads) and average
+    pooling use flax's ``nn.max_pool`` / ``nn.avg_pool``.
+    """
+
     kind: str = "max"
     window: tuple[int, int] = (2, 2)
     strides: tuple[int, int] | None = None
@@ -91,12 +106,76 @@ class Pool(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        strides = self.strides or self.window
+        window = tuple(self.window)
+        strides = tuple(self.strides or window)
         if self.kind == "max":
-            return nn.max_pool(x, self.window, strides, self.padding)
+            if _tiles(x.shape, window, strides, self.padding):
+                return tiled_max_pool(x, window)
+            return nn.max_pool(x, window, strides, self.padding)
         # Keras AveragePooling2D with SAME padding excludes the padded cells.
-        return nn.avg_pool(x, self.window, strides, self.padding,
+        return nn.avg_pool(x, window, strides, self.padding,
                            count_include_pad=False)
+
+
+def _tiles(shape, window, strides, padding) -> bool:
+    """Whether a pooling's windows tile the (cropped) NHWC input, so that
+    :func:`tiled_max_pool` computes it."""
+    if len(shape) != 4 or len(window) != 2 or strides != window:
+        return False
+    if padding == "VALID":
+        return shape[1] >= window[0] and shape[2] >= window[1]
+    if padding == "SAME":  # pads nothing when the window divides H and W
+        return shape[1] % window[0] == 0 and shape[2] % window[1] == 0
+    return False
+
+
+def _windows(x, window):
+    """(B, Ho, wh, Wo, ww, C) view of the VALID, stride == window windows of
+    an NHWC ``x`` (rows/columns that fill no whole window are dropped)."""
+    b, h, w, c = x.shape
+    (wh, ww), ho, wo = window, h // window[0], w // window[1]
+    return x[:, :ho * wh, :wo * ww].reshape(b, ho, wh, wo, ww, c)
+
+
+def _first_max_mask(xw, y):
+    """One-hot (per window) mask of the first maximum in row-major window
+    order: the element XLA's select-and-scatter (select ``>=``) picks."""
+    eq = xw == y[:, :, None, :, None, :]
+    taken = jnp.zeros_like(eq[:, :, 0, :, 0, :])
+    rows = []
+    for i in range(xw.shape[2]):
+        cols = []
+        for j in range(xw.shape[4]):
+            e = eq[:, :, i, :, j, :]
+            cols.append(e & ~taken)
+            taken = taken | e
+        rows.append(jnp.stack(cols, axis=3))
+    return jnp.stack(rows, axis=2)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def tiled_max_pool(x, window):
+    """Max pooling of an NHWC ``x`` with strides == ``window``, VALID.
+
+    Equals ``nn.max_pool(x, window, window, "VALID")`` exactly, and so do
+    its JVP and VJP (derivative to the first maximum of each window). It is
+    a ``custom_jvp`` so forward mode (RA's ``jax.jvp``), reverse mode and
+    vmap all work; the reverse pass is a masked broadcast. (A window that
+    holds a NaN has a NaN maximum in both; its derivative is zero here,
+    while select-and-scatter's depends on where the NaN sits.)
+    """
+    return _windows(x, window).max(axis=(2, 4))
+
+
+@tiled_max_pool.defjvp
+def _tiled_max_pool_jvp(window, primals, tangents):
+    (x,), (t,) = primals, tangents
+    xw = _windows(x, window)
+    y = xw.max(axis=(2, 4))
+    mask = _first_max_mask(xw, y)
+    # Exactly one non-zero term per window: the sum is exact.
+    dy = jnp.sum(jnp.where(mask, _windows(t, window), 0), axis=(2, 4))
+    return y, dy
 
 
 class Sequential(nn.Module):

@@ -72,7 +72,8 @@ ASR (PGD, the pair's ``asr`` block) and AAOD (when the dataset has groups)
 jointly over the stack of non-corrupted seeds, on one key-drawn sample of
 test inputs that the original and all those models classify correctly.
 Post-processing ensembles (``config.ensembles``) combine the original with
-each fixed model via :func:`dlfix_jax.ensembles.combine`.
+each fixed model via :func:`dlfix_jax.ensembles.combine`, for every approach
+or only those listed in ``config.ensemble_approaches``.
 
 Progress: one line per fixing run and per record (approach, seed, status,
 elapsed, ETA) through absl logging.
@@ -169,11 +170,25 @@ def approach_names(config) -> list[str]:
     return items
 
 
-def _ensemble_names(config) -> list[str]:
-    spec = config.get("ensembles", "") or ""
+def _comma_list(spec) -> list[str]:
+    spec = spec or ""
     if isinstance(spec, str):
         return [s.strip() for s in spec.split(",") if s.strip()]
     return [str(s) for s in spec]
+
+
+def _ensemble_names(config) -> list[str]:
+    return _comma_list(config.get("ensembles", ""))
+
+
+def _ensembles_for(config, approach: str, combos: list[str]) -> list[str]:
+    """The combinations evaluated for ``approach``: all of ``combos`` when
+    ``config.ensemble_approaches`` is "all" (default), else only for the
+    approaches it lists."""
+    which = config.get("ensemble_approaches", "all") or "all"
+    if which == "all" or approach in _comma_list(which):
+        return combos
+    return []
 
 
 def fixer_config(spec, overrides) -> ml_collections.ConfigDict:
@@ -653,7 +668,7 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
             spec = fixers.get(a)
             recs = _run_approach(
                 spec, model, variables, dataset, problem, pcfg, config, keys,
-                budget, strategy, combos,
+                budget, strategy, _ensembles_for(config, a, combos),
                 jax.random.fold_in(root, STREAM_EVAL), progress)
             keep = [r for r in recs if r["seed"] in set(missing)]
             store.append_many(keep)

@@ -1,0 +1,132 @@
+"""The tiled max-pooling fast path (layers.Pool / tiled_max_pool) against
+flax's nn.max_pool: same outputs, JVPs and VJPs (ties included), and the
+general path for configurations the fast path does not cover."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from dlfix_jax import models
+from dlfix_jax.models import layers as L
+
+# (input NHWC shape, window, padding) handled by the fast path.
+FAST = [
+    ((3, 24, 24, 6), (3, 3), "VALID"),   # LeNet5's first pool
+    ((3, 6, 6, 16), (2, 2), "VALID"),    # LeNet5's second pool
+    ((2, 32, 32, 4), (2, 2), "VALID"),   # VGG16 block pools
+    ((2, 8, 8, 3), (2, 2), "SAME"),      # SAME that pads nothing
+    ((2, 7, 9, 3), (2, 2), "VALID"),     # trailing row/column dropped
+    ((2, 6, 6, 2), (2, 3), "VALID"),     # non-square window
+    ((2, 1, 1, 5), (1, 1), "VALID"),
+]
+# (input shape, window, strides, padding) left to nn.max_pool.
+GENERAL = [
+    ((2, 7, 7, 3), (2, 2), (2, 2), "SAME"),    # pads
+    ((2, 9, 9, 3), (3, 3), (2, 2), "VALID"),   # overlapping windows
+    ((2, 8, 8, 3), (2, 2), (1, 1), "SAME"),
+]
+
+
+def _inputs(shape, seed, ties):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(shape).astype(np.float32)
+    if ties:  # many exact ties inside windows
+        x = np.round(x)
+    return jnp.asarray(x)
+
+
+def _pool(window, strides, padding):
+    module = L.Pool(kind="max", window=window, strides=strides,
+                    padding=padding)
+    return lambda x: module.apply({}, x)
+
+
+def _assert_same_derivatives(fast, ref, x, seed):
+    y_ref, vjp_ref = jax.vjp(ref, x)
+    y_fast, vjp_fast = jax.vjp(fast, x)
+    np.testing.assert_array_equal(y_fast, y_ref)
+    g = jnp.asarray(np.random.default_rng(seed + 1).standard_normal(
+        y_ref.shape).astype(np.float32))
+    np.testing.assert_array_equal(vjp_fast(g)[0], vjp_ref(g)[0])
+    t = jnp.asarray(np.random.default_rng(seed + 2).standard_normal(
+        x.shape).astype(np.float32))
+    np.testing.assert_array_equal(jax.jvp(fast, (x,), (t,))[1],
+                                  jax.jvp(ref, (x,), (t,))[1])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("shape,window,padding", FAST)
+def test_fast_path_equals_max_pool(shape, window, padding, ties):
+    assert L._tiles(shape, window, window, padding)
+    x = _inputs(shape, 0, ties)
+    ref = lambda x: nn.max_pool(x, window, window, padding)
+    _assert_same_derivatives(_pool(window, None, padding), ref, x, 0)
+    _assert_same_derivatives(jax.jit(_pool(window, None, padding)),
+                             jax.jit(ref), x, 3)
+
+
+def test_all_ties_derivative_goes_to_first_element():
+    # Constant windows: select-and-scatter gives the whole cotangent to the
+    # first (row-major) element of each window; so must the fast path.
+    x = jnp.zeros((1, 4, 6, 2))
+    g = jnp.arange(1.0, 1 + 1 * 2 * 2 * 2).reshape(1, 2, 2, 2)
+    grad = jax.vjp(lambda x: L.tiled_max_pool(x, (2, 3)), x)[1](g)[0]
+    expected = np.zeros((1, 4, 6, 2), np.float32)
+    expected[:, ::2, ::3] = g
+    np.testing.assert_array_equal(grad, expected)
+
+
+def test_fast_path_backward_has_no_select_and_scatter():
+    x = jnp.ones((2, 8, 8, 3))
+    grad = jax.grad(lambda x: jnp.sum(_pool((2, 2), None, "VALID")(x)))
+    assert "select_and_scatter" not in str(jax.make_jaxpr(grad)(x))
+    assert "reduce_window" not in str(jax.make_jaxpr(grad)(x))
+
+
+def test_fast_path_vmaps():
+    x = _inputs((3, 2, 6, 6, 2), 5, ties=True)
+    f = _pool((2, 2), None, "VALID")
+    ref = lambda x: nn.max_pool(x, (2, 2), (2, 2), "VALID")
+    np.testing.assert_array_equal(
+        jax.vmap(jax.grad(lambda x: jnp.sum(f(x) ** 2)))(x),
+        jax.vmap(jax.grad(lambda x: jnp.sum(ref(x) ** 2)))(x))
+
+
+@pytest.mark.parametrize("shape,window,strides,padding", GENERAL)
+def test_general_path_kept(shape, window, strides, padding):
+    assert not L._tiles(shape, window, strides, padding)
+    x = _inputs(shape, 1, ties=True)
+    ref = lambda x: nn.max_pool(x, window, strides, padding)
+    f = _pool(window, strides, padding)
+    assert "reduce_window" in str(jax.make_jaxpr(f)(x))
+    _assert_same_derivatives(f, ref, x, 1)
+
+
+def test_avg_pool_unchanged():
+    x = _inputs((2, 7, 7, 3), 2, ties=False)
+    f = L.Pool(kind="avg", window=(2, 2), padding="SAME")
+    np.testing.assert_array_equal(
+        f.apply({}, x),
+        nn.avg_pool(x, (2, 2), (2, 2), "SAME", count_include_pad=False))
+
+
+def test_lenet5_gradients_identical_to_reduce_window(monkeypatch):
+    model = models.get("lenet5")
+    v = model.init(jax.random.key(0))
+    x = _inputs((8, 28, 28, 1), 4, ties=False)
+    y = jnp.arange(8) % 10
+
+    def grads():
+        def loss(p):
+            logits = model.apply({**v, "params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits, y).mean()
+        return jax.jit(jax.value_and_grad(loss))(v["params"])
+
+    fast = grads()
+    monkeypatch.setattr(L, "_tiles", lambda *a: False)
+    ref = grads()
+    jax.tree.map(np.testing.assert_array_equal, fast, ref)
