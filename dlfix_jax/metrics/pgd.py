@@ -45,13 +45,16 @@ STEPS = 40
 REL_STEPSIZE = 0.01 / 0.3
 N_SAMPLES = 500
 
-# ε per dataset, in the normalised input space (reference §4). digits and
-# fashion_mnist are MNIST-like images scaled to [0, 1] (x/255, or x/16 for
-# sklearn digits), so they take MNIST's 0.15.
+# ε per dataset, in the normalised input space (reference §4). fashion_mnist
+# is MNIST-like in [0, 1] (x/255), so it takes MNIST's 0.15. digits (x/16,
+# upscaled 8x8 strokes) is far less robust: at 0.15 every LeNet5 we trained
+# has ASR 100%, an uninformative metric; ε = 0.03 / 0.05 / 0.07 / 0.08 / 0.10
+# gave ASR_orig = 17.5 / 37.6 / 68.6 / 80.9 / 97.9% on the digits base model,
+# so digits takes 0.08, the level of the study's MNIST ASR_orig (about 80%).
 EPSILONS = {
     "mnist": 0.15,
     "fashion_mnist": 0.15,
-    "digits": 0.15,
+    "digits": 0.08,
     "utkface": 0.07,
     "cifar10": 0.031,
     "cifar10s": 0.035,

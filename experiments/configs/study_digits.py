@@ -93,7 +93,7 @@ def get_config():
     pair = ml_collections.ConfigDict()
     pair.train = digits_lenet5.get_config()
     pair.asr = asr_config(n_samples=200)
-    pair.asr.eps = 0.08  # see the module docstring
+    pair.asr.eps = 0.08  # = pgd.EPSILONS["digits"]; see the module docstring
     c.pairs.digits_lenet5 = pair
     c.fixers = fixer_budgets()
     c.time_budget_s = 240.0
