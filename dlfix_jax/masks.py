@@ -308,7 +308,9 @@ def restrict(tx: optax.GradientTransformation, mask: Mask
     Gradients are zeroed outside the mask before ``tx`` (so its state only
     sees selected gradients) and its updates are zeroed outside the mask
     afterwards (so weight decay and similar terms cannot leak), i.e.
-    ``apply_updates`` adds exactly 0.0 to every unselected entry.
+    ``optax.apply_updates`` adds exactly 0.0 to every unselected entry. That
+    is bit-for-bit except for a ``-0.0`` parameter, which IEEE addition turns
+    into ``+0.0``; use :func:`apply_updates` (a select) for exact bits.
     """
     return optax.chain(zero_outside(mask), tx, zero_outside(mask))
 

@@ -92,7 +92,7 @@ PAPER = ("Sohn, Kang, Yoo. Arachne: Search-Based Repair of Deep Neural "
 def default_config() -> ml_collections.ConfigDict:
     """Arachne's defaults (see the module docstring)."""
     cfg = ml_collections.ConfigDict()
-    cfg.layer = ""             # "" -> the last Dense layer
+    cfg.layer = ""             # "" or the logits layer's name (the only one supported)
     cfg.population = 100
     cfg.max_generations = 100
     cfg.patience = -1          # -1 -> max(10, max_generations // 10)
@@ -162,7 +162,7 @@ def applicable(model: models_base.Model, dataset) -> str | None:
 
 def _capture(model, variables, layer, x, batch_size):
     """(input of ``layer`` flattened to (N, d), logits) for ``x``, batched."""
-    fn = jax.jit(lambda v, a: model.apply(v, a, capture=(layer,)))
+    fn = models_base.jitted_apply(model, (layer,))
     hs, zs = [], []
     for i in range(0, len(x), batch_size):
         z, acts = fn(variables, x[i:i + batch_size])
@@ -320,7 +320,13 @@ def fix(key: jax.Array, problem: base.Problem,
     params = variables["params"]
     if len(problem.failing) == 0:
         raise ValueError("Arachne needs failing repair inputs (I_neg is empty)")
-    layer = config.layer or target_layer(model, variables)
+    layer = target_layer(model, variables)
+    if config.layer and config.layer != layer:
+        # The cached fitness and the localisation treat the layer's output as
+        # the logits, so any other layer would be silently mis-scored.
+        raise ValueError(
+            f"Arachne repairs the logits layer {layer!r} only; config.layer="
+            f"{config.layer!r} is not supported")
     lp = models_base.get_layer_params(params, layer)
     kernel = np.asarray(lp["kernel"], np.float32)
     bias = np.asarray(lp.get("bias", np.zeros(kernel.shape[1])), np.float32)

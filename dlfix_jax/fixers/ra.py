@@ -40,9 +40,11 @@ Method (pointwise PRDNN repair of one Dense/Conv layer ℓ):
 * **Margin** δ = ``margin`` (1e-2): small against LeNet5 logit scales
   (~10) but well above float32 rounding of the repaired logits (~1e-5),
   so the float64 LP solution still classifies correctly in float32.
-* **Size limit.** The LP has ``variables × constraints`` ≤ ``max_lp_size``
-  (1e8); larger problems, and infeasible ones, raise ``RuntimeError`` naming
-  the numbers (the runner records a failure).
+* **Size limit.** The constraint matrix is built sparse, batch by batch
+  (exact zeros dropped: a last-Dense row has 2(d+1) nonzeros); more than
+  ``max_lp_size`` (1e8) nonzeros (×2 for the l1 split Δ = u − v), and
+  infeasible LPs, raise ``RuntimeError`` naming the numbers (the runner
+  records a failure).
 
 Only layer ℓ's ``kernel`` and ``bias`` change; every other variable is
 returned bit-for-bit unchanged. Applicable to sequential models whose layers
@@ -91,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.norm = "l1"           # "l1" | "linf"
     c.margin = 1e-2
     c.num_passing = -1      # passing repair inputs kept as constraints; -1 = all
-    c.max_lp_size = int(1e8)  # variables x constraints
+    c.max_lp_size = int(1e8)  # nonzeros of the LP's constraint matrix
     c.batch_size = 256      # points per Jacobian batch
     return c
 
@@ -190,8 +192,9 @@ def _margin_rows(jac, logits, y, margin, num_classes):
     return np.concatenate(rows), np.concatenate(rhs)
 
 
-def solve_lp(m: np.ndarray, r: np.ndarray, norm: str):
-    """Minimises ‖Δ‖ (l1 or linf) s.t. m·Δ ≥ r; returns (Δ, result)."""
+def solve_lp(m, r: np.ndarray, norm: str):
+    """Minimises ‖Δ‖ (l1 or linf) s.t. m·Δ ≥ r (m dense or scipy sparse);
+    returns (Δ, result)."""
     nc, nv = m.shape
     ms = scipy.sparse.csr_matrix(m)
     if norm == "l1":
@@ -223,7 +226,7 @@ def solve_lp(m: np.ndarray, r: np.ndarray, norm: str):
 
 def margins(model, variables, x, y) -> np.ndarray:
     """(N, C) logit_y − logit_j of ``variables`` on (x, y) (float32 network)."""
-    logits = np.asarray(jax.jit(model.apply)(variables, x), np.float64)
+    logits = np.asarray(models_base.jitted_apply(model)(variables, x), np.float64)
     y = np.asarray(y)
     return logits[np.arange(len(y)), y][:, None] - logits
 
@@ -269,12 +272,6 @@ def fix(key: jax.Array, problem: base.Problem,
                     objective=0.0, max_violation=0.0, max_violation_decoupled=0.0,
                     time_lp_s=0.0, time_s=time.perf_counter() - t0)
         return base.FixResult(variables, info)
-    size = info["num_variables"] * (nc_rows + (2 * nv if config.norm == "linf" else 0))
-    if size > int(config.max_lp_size):
-        raise RuntimeError(
-            f"RA: LP too large for layer {name!r}: {info['num_variables']} "
-            f"variables x {nc_rows} constraints = {size:.3g} > max_lp_size "
-            f"{int(config.max_lp_size):.3g}; lower num_passing or pick a later layer")
 
     # Jacobian of the (linear) decoupled logit change w.r.t. the flat Δ.
     layer_in, lin = decoupled_map(model, variables, li)
@@ -288,16 +285,34 @@ def fix(key: jax.Array, problem: base.Problem,
 
     jac_fn = jax.jit(jax.vmap(jax.jacrev(lin_flat, argnums=1), in_axes=(0, None)))
     in_fn = jax.jit(layer_in)
-    logit_fn = jax.jit(model.apply)
+    logit_fn = models_base.jitted_apply(model)
     bs = int(config.batch_size)
     zero = jnp.zeros((nv,), jnp.float32)
-    jacs, logits = [], []
+    # Constraint rows are built batch by batch and kept sparse (exact zeros
+    # dropped): for the last Dense layer a row has only 2(d+1) nonzeros, so
+    # VGG16's 512->10 layer on 5,000 points needs ~50 MB, not ~2 GB dense.
+    blocks, rhs, nnz = [], [], 0
+    width = 2 if config.norm == "l1" else 1
     for i in range(0, len(y), bs):
         xb = x[i:i + bs]
-        jacs.append(np.asarray(jac_fn(in_fn(xb), zero), np.float64))
-        logits.append(np.asarray(logit_fn(variables, xb), np.float64))
-    jac, logits = np.concatenate(jacs), np.concatenate(logits)
-    m, r = _margin_rows(jac, logits, y, float(config.margin), problem.num_classes)
+        jac_b = np.asarray(jac_fn(in_fn(xb), zero), np.float64)
+        logit_b = np.asarray(logit_fn(variables, xb), np.float64)
+        m_b, r_b = _margin_rows(jac_b, logit_b, y[i:i + bs],
+                                float(config.margin), problem.num_classes)
+        m_b = scipy.sparse.csr_matrix(m_b)
+        nnz += m_b.nnz
+        if width * nnz > int(config.max_lp_size):
+            raise RuntimeError(
+                f"RA: LP too large for layer {name!r}: more than "
+                f"{int(config.max_lp_size):.3g} constraint-matrix nonzeros "
+                f"(max_lp_size) after {i + len(xb)} of {len(y)} points "
+                f"({nv} layer parameters, {nc_rows} constraints); lower "
+                f"num_passing or pick a later layer")
+        blocks.append(m_b)
+        rhs.append(r_b)
+    m = scipy.sparse.vstack(blocks, format="csr")
+    r = np.concatenate(rhs)
+    info["constraint_nonzeros"] = int(m.nnz)
 
     t_lp = time.perf_counter()
     delta, res = solve_lp(m, r, config.norm)

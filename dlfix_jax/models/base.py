@@ -34,6 +34,7 @@ With ``train=True`` (BatchNorm in training mode, dropout on; dropout needs
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -82,10 +83,7 @@ class Model:
         """Initialises variables for inputs of ``input_shape`` (H, W, C)."""
         shape = tuple(input_shape or self.input_shape)
         x = jnp.zeros((1,) + shape, jnp.float32)
-        # Jitted: eager init dispatches op by op and is several times slower.
-        init = jax.jit(lambda k, a: self.module.init({"params": k}, a,
-                                                     train=False))
-        return dict(init(key, x))
+        return dict(_jitted_init(self)(key, x))
 
     def apply(self, variables: Variables, x: jax.Array, *, train: bool = False,
               capture: Sequence[str] | str = (), rngs: dict | None = None):
@@ -151,6 +149,20 @@ class Model:
     def predict(self, variables: Variables, x: jax.Array) -> jax.Array:
         """Predicted labels (argmax of the logits)."""
         return jnp.argmax(self.apply(variables, x), axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_init(model: "Model"):
+    """One jitted init per model (eager init dispatches op by op and is
+    several times slower; caching avoids recompiling on every call)."""
+    return jax.jit(lambda k, a: model.module.init({"params": k}, a,
+                                                  train=False))
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_apply(model: "Model", capture: tuple[str, ...] = ()):
+    """A cached ``jax.jit`` of ``model.apply(variables, x, capture=...)``."""
+    return jax.jit(lambda v, a: model.apply(v, a, capture=capture))
 
 
 def param_layers(params: dict) -> list[str]:

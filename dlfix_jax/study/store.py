@@ -111,14 +111,23 @@ def _write_all(fd: int, data: bytes) -> None:
 class Store:
     """The append-only JSONL store in ``directory``.
 
-    Opening repairs a torn trailing line (see the module docstring).
+    Opening, and taking the writer lock, repair a torn trailing line (see
+    the module docstring); the repair only ever runs under the lock.
     """
 
     def __init__(self, directory: str):
         self.directory = directory
         self.path = os.path.join(directory, FILENAME)
         os.makedirs(directory, exist_ok=True)
-        self.repaired_bytes = self._repair()
+        self.repaired_bytes = 0
+        # Repair only under the writer lock: a torn line may be a live
+        # writer's line in progress. If another process holds the lock, it
+        # repaired the file when it took the lock.
+        try:
+            with self.lock():
+                pass
+        except RuntimeError:
+            pass
 
     # -- integrity ---------------------------------------------------------
     def _repair(self) -> int:
@@ -168,6 +177,7 @@ class Store:
                     f"another process is writing {self.path} (lock "
                     f"{LOCKNAME} is held); wait for it or use another "
                     f"workdir") from e
+            self.repaired_bytes += self._repair()
             yield
         finally:
             os.close(fd)  # closing releases the flock
