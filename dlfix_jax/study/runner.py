@@ -73,7 +73,12 @@ jointly over the stack of non-corrupted seeds, on one key-drawn sample of
 test inputs that the original and all those models classify correctly.
 Post-processing ensembles (``config.ensembles``) combine the original with
 each fixed model via :func:`dlfix_jax.ensembles.combine`, for every approach
-or only those listed in ``config.ensemble_approaches``.
+or only those listed in ``config.ensemble_approaches``. Their ASR attacks the
+combination's log-probabilities (cross-entropy on probabilities, whatever the
+pair's ``asr.softmax``) on inputs that the original and *that combination*
+classify correctly, so an ensemble's ASR — "NO" included — is comparable
+across combinations but not identical to the record's own ``asr``, whose
+sample is shared by all S fixed models.
 
 Progress: one line per fixing run and per record (approach, seed, status,
 elapsed, ETA) through absl logging.
