@@ -130,3 +130,26 @@ def test_lenet5_gradients_identical_to_reduce_window(monkeypatch):
     monkeypatch.setattr(L, "_tiles", lambda *a: False)
     ref = grads()
     jax.tree.map(np.testing.assert_array_equal, fast, ref)
+
+
+@pytest.mark.parametrize("shape,kernel", [((3, 2, 2, 8), (3, 3)),
+                                          ((2, 1, 1, 4), (3, 3)),
+                                          ((2, 2, 3, 5), (5, 5))])
+def test_small_input_conv_matches_nn_conv(shape, kernel):
+    """The im2col path (input smaller than the kernel window) has nn.Conv's
+    parameters and equals it within float32 round-off, values and grads."""
+    import flax.linen as nn
+    from dlfix_jax.models import layers
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = layers.Conv(6, kernel, padding="SAME")
+    ref = nn.Conv(6, kernel, padding="SAME")
+    v = ref.init(jax.random.key(1), x)
+    v_ours = ours.init(jax.random.key(1), x)
+    for a, b in zip(jax.tree_util.tree_leaves(v), jax.tree_util.tree_leaves(v_ours)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_allclose(np.asarray(ours.apply(v, x)),
+                               np.asarray(ref.apply(v, x)), rtol=1e-5, atol=1e-5)
+    g1 = jax.grad(lambda vv: jnp.sum(jnp.sin(ours.apply(vv, x))))(v)
+    g2 = jax.grad(lambda vv: jnp.sum(jnp.sin(ref.apply(vv, x))))(v)
+    for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
