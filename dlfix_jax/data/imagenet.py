@@ -161,31 +161,13 @@ class StreamSplit:
 
 
 @dataclasses.dataclass(frozen=True)
-class StreamingDataset:
-    """Like ``base.Dataset`` but with :class:`StreamSplit` splits."""
-
-    name: str
-    train: StreamSplit
-    valid: StreamSplit
-    repair: StreamSplit
-    test: StreamSplit
-    num_classes: int
-    class_names: tuple[str, ...] = ()
-    group_names: tuple[str, str] | None = None
-    normalization: str = ""
-    mean: np.ndarray | None = None
-    std: np.ndarray | None = None
-    seed: int = 0
-    source: str = ""
+class StreamingDataset(base.Dataset):
+    """A :class:`~dlfix_jax.data.base.Dataset` whose splits are
+    :class:`StreamSplit` s (iterables of numpy batches), not arrays."""
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return (self.train.image_size, self.train.image_size, 3)
-
-    @property
-    def splits(self) -> dict[str, StreamSplit]:
-        return {"train": self.train, "valid": self.valid,
-                "repair": self.repair, "test": self.test}
 
     def summary(self) -> str:
         def n(s):
