@@ -4,7 +4,7 @@
       [--n_acc=1000] [--n_pgd=100] [--pgd_steps=40] [--out=FILE.json]
 
 For each model, number of stacked models S and strategy of
-``dlfix_jax.study.seeds`` it times (a) prediction of ``n_acc`` inputs (the
+``dlfix_jax.seed_axis`` it times (a) prediction of ``n_acc`` inputs (the
 ACC/RR/NFR pass) and (b) L∞ PGD on ``n_pgd`` inputs with ``pgd_steps``
 steps (the ASR pass), each as first call (compile + run) and steady state
 (best of ``--repeats`` further calls). Weights are random (speed does not
@@ -41,7 +41,7 @@ def main(argv):
 
     from dlfix_jax import models
     from dlfix_jax.metrics import pgd, timing
-    from dlfix_jax.study import seeds
+    from dlfix_jax import seed_axis as seeds
 
     print(f"backend {jax.default_backend()}, devices {jax.devices()}, "
           f"auto -> predict {seeds.resolve_strategy('auto', task='predict')}"

@@ -104,13 +104,14 @@ def run(config, approach: str, num_seeds: int, workdir: str,
 
     from dlfix_jax import data as data_lib
     from dlfix_jax import fixers
+    from dlfix_jax import predict as predict_lib
     from dlfix_jax.metrics import classification
     from dlfix_jax.metrics.evaluate import evaluate_models
     from dlfix_jax.study import runner
     from dlfix_jax.training import checkpoint, train
 
     spec = _get_spec(fixers, approach)
-    cfg = apply_overrides(spec.config(), overrides)
+    cfg = apply_overrides(spec.default_config(), overrides)
     ds = data_lib.load(config.dataset.name, data_dir=config.dataset.data_dir,
                        seed=config.dataset.seed)
     base_dir = os.path.join(workdir, "base")
@@ -119,7 +120,11 @@ def run(config, approach: str, num_seeds: int, workdir: str,
     out_dir = os.path.join(workdir, approach)
     os.makedirs(out_dir, exist_ok=True)
 
-    reason = spec.applicable(model, ds)
+    history = None
+    if checkpoint.history_epochs(base_dir):
+        history = checkpoint.load_history(base_dir, model.abstract_variables())
+    reason = spec.applicable(fixers.problem_info(
+        model, ds, len(history) if history else 0))
     if reason:
         msg = f"{approach} is not applicable to {model.name}/{ds.name}: {reason}"
         print(f"UNADAPTABLE: {msg}", file=sys.stderr)
@@ -127,10 +132,6 @@ def run(config, approach: str, num_seeds: int, workdir: str,
             "approach": approach, "status": "unadaptable", "reason": str(reason)})
         return EXIT_UNADAPTABLE, {}
 
-    history = None
-    if checkpoint.history_epochs(base_dir):
-        target = jax.eval_shape(model.init, jax.random.key(0))
-        history = checkpoint.load_history(base_dir, target)
     problem = fixers.make_problem(model, variables, ds, history=history)
     keys = runner.seed_keys(config, num_seeds)
     logging.info("%s on %s/%s: %d failing / %d passing repair inputs, %d "
@@ -151,24 +152,24 @@ def run(config, approach: str, num_seeds: int, workdir: str,
         checkpoint.save_variables(os.path.join(d, "variables.msgpack"),
                                   outs[s]["variables"])
         checkpoint.atomic_write_json(os.path.join(d, "info.json"),
-                                     runner.info_summary(outs[s]["info"]))
+                                     runner.info_summary(outs[s]["info"], spec=spec))
     test = {}
     if ok:
         test = evaluate_models(jax.random.key(0), model, variables,
                                [(model, outs[s]["variables"]) for s in ok], ds,
                                batch_size=eval_batch_size)
-    po = fixers.predict_batched(model, variables, ds.repair.x, eval_batch_size)
+    po = predict_lib.predict(model, variables, ds.repair.x, eval_batch_size)
     seeds = []
     for s, o in enumerate(outs):
         rec = {"seed": s, "status": o["status"], "reason": o["reason"],
                "time_s": o["time_s"], "time_compile_s": o["time_compile_s"],
-               "info": runner.info_summary(o["info"])}
+               "info": runner.info_summary(o["info"], spec=spec)}
         if s in ok:
             i = ok.index(s)
             rec.update({k: test[k][i] for k in ("acc", "d_acc", "rr", "nfr",
                                                 "repaired", "broken")})
-            pf = fixers.predict_batched(model, o["variables"], ds.repair.x,
-                                        eval_batch_size)
+            pf = predict_lib.predict(model, o["variables"], ds.repair.x,
+                                     eval_batch_size)
             fl = classification.to_python(classification.flips(po, pf,
                                                                ds.repair.y))
             rec.update(repair_rr=fl["rr"], repair_nfr=fl["nfr"])

@@ -7,6 +7,7 @@ import numpy as np
 from dlfix_jax import fixers
 from dlfix_jax.fixers import apricot
 from dlfix_jax.metrics.classification import flips
+from dlfix_jax import predict
 from tests.test_ra import tiny_problem
 
 
@@ -52,7 +53,9 @@ def test_rdlms_are_trained_together_with_a_leading_k_axis():
     for a, b in zip(jax.tree_util.tree_leaves(rdlms),
                     jax.tree_util.tree_leaves(v)):
         assert a.shape == (4,) + b.shape
-    acc = jax.vmap(lambda r: apricot.accuracy(model, r, prob.valid))(rdlms)
+    valid = prob.valid.device()
+    acc = jax.vmap(lambda r: predict.device_accuracy(model, r, valid.x,
+                                                     valid.y))(rdlms)
     assert np.all(np.asarray(acc) > 0.3)  # trained, not chance (0.1)
 
 

@@ -7,16 +7,17 @@ import pytest
 
 import dlfix_jax.fixers as fixers
 from dlfix_jax import masks, search
-from dlfix_jax.fixers import arachne
+from dlfix_jax.fixers import _fitness, _localize, arachne
 from dlfix_jax.models import zoo
-from tests.test_fixer_contract import tiny_problem
+from tests.fixtures import info_of
+from tests.fixtures import tiny_mlp_problem as tiny_problem
 
 
 def test_pareto_front():
     g = np.array([3.0, 2.0, 1.0, 3.0, 0.5, 2.0])
     f = np.array([1.0, 2.0, 3.0, 0.5, 3.0, 2.0])
     # (3,1), (2,2) twice, (1,3) are non-dominated; (3,.5) and (.5,3) are not
-    assert arachne._pareto_front(g, f).tolist() == [True, True, True, False,
+    assert _localize.pareto_front(g, f).tolist() == [True, True, True, False,
                                                     False, True]
 
 
@@ -27,12 +28,12 @@ def test_bounds_push_away_from_zero():
 
 
 def test_applicability():
-    assert arachne.applicable(zoo.get("lenet5"), None) is None
-    assert arachne.applicable(zoo.get("resnet18"), None) is None
+    assert arachne.applicable(info_of(zoo.get("lenet5"))) is None
+    assert arachne.applicable(info_of(zoo.get("resnet18"))) is None
     from dlfix_jax.models.layers import spec
     conv_last = zoo.sequential("c", [spec("conv", "c1", features=2, kernel=(1, 1)),
                                      spec("gap", "g")], (4, 4, 1), 2)
-    reason = arachne.applicable(conv_last, None)
+    reason = arachne.applicable(info_of(conv_last))
     assert isinstance(reason, str) and "Dense" in reason
     assert fixers.get("arachne").level == "neuron"
     assert fixers.get("arachne").abbrev == "AR"
@@ -44,7 +45,8 @@ def test_localise_and_cached_fitness_match_model():
     assert layer == "dense2"
     lp = variables["params"][layer]
     k, b = np.asarray(lp["kernel"]), np.asarray(lp["bias"])
-    h_neg, z_neg = arachne._capture(model, variables, layer, problem.failing.x, 64)
+    neg = _fitness.cache_layer(model, variables, layer, problem.failing.x, 64)
+    h_neg = neg.h
     y_neg = np.asarray(problem.failing.y)
     loc1 = arachne.localise(k, b, h_neg, y_neg, 20)
     loc2 = arachne.localise(k, b, h_neg, y_neg, 20)
@@ -61,12 +63,11 @@ def test_localise_and_cached_fitness_match_model():
     np.testing.assert_allclose(loc1["grad"], np.abs(jax.grad(loss)(lp["kernel"])),
                                rtol=1e-3, atol=1e-4)
     # cached fitness == fitness recomputed from a full forward pass
-    h_pos, z_pos = arachne._capture(model, variables, layer, problem.passing.x, 64)
+    pos = _fitness.cache_layer(model, variables, layer, problem.passing.x, 64)
     rows, cols = jnp.asarray(idx[:, 0]), jnp.asarray(idx[:, 1])
     fit = arachne.make_fitness(
-        jnp.asarray(h_pos), problem.passing.y, jnp.asarray(z_pos),
-        jnp.asarray(h_neg), problem.failing.y, jnp.asarray(z_neg), rows, cols,
-        jnp.asarray(k[idx[:, 0], idx[:, 1]]), 10, 2.0)
+        pos, problem.passing.y, neg, problem.failing.y, rows, cols,
+        jnp.asarray(k[idx[:, 0], idx[:, 1]]), 2.0)
     v = jnp.asarray(k[idx[:, 0], idx[:, 1]]) + 0.3
     mask = masks.weight_mask(variables["params"], layer, idx)
     newp = masks.scatter(variables["params"], masks.indices_of(mask), v)
@@ -84,13 +85,13 @@ def test_localise_and_cached_fitness_match_model():
 
 def test_fix_improves_fitness_and_reports():
     model, variables, ds, problem = tiny_problem()
-    cfg = fixers.get("arachne").config(population=20, max_generations=10,
-                                       num_positive=50)
+    cfg = fixers.get("arachne").config(dict(population=20, max_generations=10,
+                                            num_positive=50))
     res = arachne.fix(jax.random.key(0), problem, cfg)
     info = res.info
     assert float(info["best_fitness"]) >= float(info["initial_fitness"])
     assert int(info["num_localised"]) == len(info["localised"]) > 0
-    assert masks.count(info["mask"]) == int(info["num_localised"])
+    assert masks.count(res.mask) == int(info["num_localised"])
     assert 0 < int(info["generations"]) <= 10
     assert search.stop_reason_name(info["stop_reason"]) in search.STOP_REASONS
     # only kernel entries of the last layer change; bias untouched
@@ -99,3 +100,21 @@ def test_fix_improves_fitness_and_reports():
     with pytest.raises(ValueError, match="I_neg"):
         arachne.fix(jax.random.key(0), problem.replace(failing=problem.failing.take(
             np.zeros((0,), np.int32))), cfg)
+
+
+def test_hidden_layer_cached_fitness_matches_the_model():
+    """The cached fitness of a hidden Dense layer runs the tail (split_at)."""
+    model, variables, ds, problem = tiny_problem()
+    cache = _fitness.cache_layer(model, variables, "dense1", problem.repair.x)
+    assert cache.tail is not None
+    k = np.asarray(variables["params"]["dense1"]["kernel"])
+    rows, cols = np.array([0, 5, 9]), np.array([1, 2, 3])
+    v = jnp.asarray(k[rows, cols]) - 0.7
+    z = _fitness.candidate_logits(cache, rows, cols, k[rows, cols])(v)
+    newk = k.copy()
+    newk[rows, cols] = np.asarray(v)
+    p = {**variables["params"],
+         "dense1": {**variables["params"]["dense1"], "kernel": newk}}
+    want = model.apply({"params": p}, problem.repair.x)
+    np.testing.assert_allclose(np.asarray(z), np.asarray(want), rtol=1e-4,
+                               atol=1e-4)

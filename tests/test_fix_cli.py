@@ -61,7 +61,7 @@ def test_apricot_tiny_budget(workdir):
 
 def test_unadaptable_exits_with_reason(workdir, monkeypatch, capsys):
     spec = fixers.get("ra")
-    fake = dataclasses.replace(spec, applicable=lambda m, d: "not piecewise")
+    fake = dataclasses.replace(spec, applicable=lambda info: "not piecewise")
     monkeypatch.setattr(fixers, "get", lambda name: fake)
     status, m = fix_cli.run(_config(), "ra", 1, workdir)
     assert status == fix_cli.EXIT_UNADAPTABLE and m == {}

@@ -12,7 +12,7 @@ from dlfix_jax.data import Split
 from dlfix_jax.metrics import classification, evaluate, fairness, timing
 from dlfix_jax.models import zoo
 from dlfix_jax.models.layers import spec
-from dlfix_jax.study import seeds
+from dlfix_jax import seed_axis as seeds
 
 
 # --------------------------------------------------------------- ACC/RR/NFR

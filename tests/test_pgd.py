@@ -9,7 +9,7 @@ import pytest
 from dlfix_jax.metrics import pgd
 from dlfix_jax.models import zoo
 from dlfix_jax.models.layers import spec
-from dlfix_jax.study import seeds
+from dlfix_jax import seed_axis as seeds
 
 
 def _mlp():

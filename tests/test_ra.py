@@ -1,49 +1,25 @@
 """RA (PRDNN-style single-layer LP repair) on a tiny conv net and digits."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from dlfix_jax import data, fixers
 from dlfix_jax.fixers import base
-from dlfix_jax.fixers import ra
+from dlfix_jax.fixers import _linear, ra
 from dlfix_jax.models import zoo
 from dlfix_jax.models.layers import spec
+from tests import fixtures
 
 
-@functools.lru_cache(maxsize=1)
 def tiny_problem():
     """A small conv net trained briefly on digits (~90% accurate), as a
-    Problem with a dozen failing repair inputs."""
-    ds = data.load("digits")
-    model = zoo.sequential("tiny", [
-        spec("conv", "conv1", features=4, kernel=(3, 3)), spec("relu", "relu1"),
-        spec("maxpool", "pool1", window=(4, 4)), spec("flatten", "flatten"),
-        spec("dense", "dense1", features=32), spec("relu", "relu2"),
-        spec("dense", "dense2", features=10)], (28, 28, 1), 10)
-    params = model.init(jax.random.key(0))["params"]
-    tx = optax.adam(3e-3)
-    x, y = jnp.asarray(ds.train.x), jnp.asarray(ds.train.y)
-
-    @jax.jit
-    def train(params):
-        def step(carry, i):
-            p, st = carry
-            idx = jax.random.randint(jax.random.key(i), (64,), 0, x.shape[0])
-            g = jax.grad(lambda p: optax.softmax_cross_entropy_with_integer_labels(
-                model.apply({"params": p}, x[idx]), y[idx]).mean())(p)
-            u, st = tx.update(g, st)
-            return (optax.apply_updates(p, u), st), None
-        (params, _), _ = jax.lax.scan(step, (params, tx.init(params)),
-                                      jnp.arange(150))
-        return params
-
-    variables = {"params": train(params)}
-    return ds, model, variables, base.make_problem(model, variables, ds)
+    Problem with a dozen failing repair inputs: ``(ds, model, variables,
+    problem)``."""
+    model, variables, ds, problem = fixtures.tiny_conv_problem()
+    return ds, model, variables, problem
 
 
 def _cfg(**kw):
@@ -56,8 +32,9 @@ def _cfg(**kw):
 def test_registered_and_applicability():
     s = fixers.get("ra")
     assert (s.level, s.abbrev, s.vmappable) == ("layer", "RA", False)
-    assert s.applicable(zoo.get("lenet5"), None) is None
-    assert "not sequential" in s.applicable(zoo.get("resnet18"), None)
+    assert s.applicable(fixtures.info_of(zoo.get("lenet5"))) is None
+    assert "not sequential" in s.applicable(
+        fixtures.info_of(zoo.get("resnet18")))
 
 
 @pytest.mark.parametrize("norm", ["l1", "linf"])
@@ -111,10 +88,10 @@ def test_earlier_layer_decoupled_constraints_hold():
 
 def test_decoupled_map_is_exact_for_last_layer():
     ds, model, v, prob = tiny_problem()
-    layer_in, lin = ra.decoupled_map(model, v, len(model.layers) - 1)
-    a = layer_in(prob.failing.x[:3])
+    layer_in, lin = _linear.decoupled_map(model, len(model.layers) - 1)
+    a = layer_in(v, prob.failing.x[:3])
     d = {"kernel": jnp.ones((32, 10)) * 0.01, "bias": jnp.arange(10.0) * 0.1}
-    got = jax.vmap(lambda ai: lin(ai, d))(a)
+    got = jax.vmap(lambda ai: lin(v, ai, d))(a)
     np.testing.assert_allclose(np.asarray(got), np.asarray(a @ d["kernel"] + d["bias"]),
                                rtol=1e-5, atol=1e-5)
 

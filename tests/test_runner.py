@@ -1,9 +1,9 @@
 """The study runner on a tiny study: LeNet5 trained 1 epoch on digits, fake
 fixers covering every status, resume / --force, and a SIGKILL-and-rerun run.
 
-The fake fixers are registered by :func:`register_fakes` (a fixture here, the
-config file in the SIGKILL subprocess) and removed afterwards so that other
-tests iterating over the registry never see them.
+The fake fixers are registered for the module only (``FIXERS.temporary``;
+the SIGKILL subprocess's config file registers them in its own process) so
+that other tests iterating over the registry never see them.
 """
 
 import json
@@ -47,7 +47,7 @@ def _perturb(key, problem, config):
                k2, layer["bias"].shape)}
     variables = dict(problem.variables)
     variables["params"] = models_base.set_layer_params(params, name, new)
-    return fixers_base.FixResult(variables, {"layer_norm": jnp.sum(
+    return fixers_base.FixResult(variables, info={"layer_norm": jnp.sum(
         new["kernel"] ** 2), "trace": jnp.arange(100.0)})
 
 
@@ -58,7 +58,7 @@ def _raise(key, problem, config):
 def _nan(key, problem, config):
     res = _perturb(key, problem, config)
     v = jax.tree_util.tree_map(lambda a: a * jnp.nan, res.variables)
-    return fixers_base.FixResult(v, {})
+    return fixers_base.FixResult(v)
 
 
 def _collapse(key, problem, config):
@@ -70,7 +70,7 @@ def _collapse(key, problem, config):
            "bias": jnp.zeros_like(layer["bias"]).at[0].set(1.0)}
     variables = dict(problem.variables)
     variables["params"] = models_base.set_layer_params(params, name, new)
-    return fixers_base.FixResult(variables, {})
+    return fixers_base.FixResult(variables)
 
 
 def _slow(key, problem, config):
@@ -84,7 +84,7 @@ def _sleep_then_perturb(key, problem, config):
     return _perturb(key, problem, config)
 
 
-def _refuse(model, dataset):
+def _refuse(info):
     return "needs sensitive-attribute groups (fake check)"
 
 
@@ -103,27 +103,35 @@ FAKES = {
 }
 
 
-def register_fakes():
-    """Registers the fake fixers (idempotent); returns their names."""
+def fake_specs():
+    """name -> FixerSpec of every fake fixer."""
+    out = {}
     for name, (fn, vm, app, cfg) in FAKES.items():
-        if name in fixers_base._REGISTRY:
-            continue
         kw = {"applicable": app} if app else {}
-        fixers_base.register(name, level="model", paper="fake (test)",
-                             default_config=cfg, vmappable=vm,
-                             abbrev=name.upper(), **kw)(fn)
+        out[name] = fixers_base.spec(name, fn, level="model",
+                                     paper="fake (test)", default_config=cfg,
+                                     vmappable=vm, abbrev=name.upper(), **kw)
+    return out
+
+
+def register_fakes():
+    """Registers the fake fixers for good (the SIGKILL subprocess's config
+    file does this); returns their names."""
+    for name, s in fake_specs().items():
+        if name not in fixers_base.FIXERS:
+            fixers_base.FIXERS.add(name, s)
     return list(FAKES)
 
 
 def tiny_config(approaches, num_seeds=2, budget=0.0, asr=False):
-    from experiments.configs import digits_lenet5, study_digits
-    c = study_digits.base_study("tiny")
+    from experiments.configs import digits_lenet5, study_common
+    c = study_common.base_study("tiny")
     c.num_seeds = num_seeds
     c.approaches = ",".join(approaches)
     pair = ml_collections.ConfigDict()
     pair.train = digits_lenet5.get_config()
     pair.train.train.epochs = 1
-    pair.asr = study_digits.asr_config(n_samples=16)
+    pair.asr = study_common.asr_config(n_samples=16)
     pair.asr.enabled = asr  # PGD's compilation dominates; one test runs it
     c.pairs.digits_lenet5 = pair
     c.time_budget_s = budget
@@ -132,10 +140,9 @@ def tiny_config(approaches, num_seeds=2, budget=0.0, asr=False):
 
 @pytest.fixture(scope="module")
 def fakes():
-    names = register_fakes()
-    yield names
-    for n in names:  # private registry: tests must not leak fixers
-        fixers_base._REGISTRY.pop(n, None)
+    # Scoped registration: tests must not leak fixers into the registry.
+    with fixers_base.FIXERS.temporary(**fake_specs()):
+        yield list(FAKES)
 
 
 @pytest.fixture(scope="module")

@@ -175,19 +175,19 @@ def test_batch_norm_model_trains_and_checkpoints(tmp_path, monkeypatch):
         models.spec("flatten", "flatten"),
         models.spec("dropout", "dropout", rate=0.5),
         models.spec("dense", "dense1", features=10)], (28, 28, 1), 10)
-    # Registered only for this test (monkeypatch restores the registry).
-    monkeypatch.setitem(zoo._REGISTRY, "tiny_bn_for_test", lambda **kw: small)
-    c = _config(epochs=1)
-    c.model.name = "tiny_bn_for_test"
-    res = train.train_and_evaluate(c, str(tmp_path),
-                                   dataset=data_lib.load("digits"))
-    init = small.init(jax.random.key(0))
-    stats = res.variables["batch_stats"]["bn1"]
-    assert not np.allclose(stats["mean"], init["batch_stats"]["bn1"]["mean"])
-    hist = checkpoint.load_history(str(tmp_path))
-    _assert_bitwise_equal(hist[-1], res.variables)
-    _, loaded, _ = checkpoint.load_model(str(tmp_path))
-    _assert_bitwise_equal(loaded, res.variables)
+    # Registered only for this test (the registry is restored after it).
+    with zoo.MODELS.temporary(tiny_bn_for_test=lambda **kw: small):
+        c = _config(epochs=1)
+        c.model.name = "tiny_bn_for_test"
+        res = train.train_and_evaluate(c, str(tmp_path),
+                                       dataset=data_lib.load("digits"))
+        init = small.init(jax.random.key(0))
+        stats = res.variables["batch_stats"]["bn1"]
+        assert not np.allclose(stats["mean"], init["batch_stats"]["bn1"]["mean"])
+        hist = checkpoint.load_history(str(tmp_path))
+        _assert_bitwise_equal(hist[-1], res.variables)
+        _, loaded, _ = checkpoint.load_model(str(tmp_path))
+        _assert_bitwise_equal(loaded, res.variables)
 
 
 def test_optimizer_choices():

@@ -12,9 +12,11 @@ Algorithm:
    architecture are trained from scratch, each on its own random subset of
    the training set with ``rdlm_per_class`` (1,000) images per class, for
    ``rdlm_epochs`` (60) epochs with Adam (lr ``rdlm_lr`` 2e-4, batch
-   ``rdlm_batch_size`` 128). The K models are trained **together**: their
-   variables carry a leading K axis and one jitted, ``vmap``-ed train step
-   updates all of them (see :func:`train_rdlms`).
+   ``rdlm_batch_size`` 128), with the shared training loop
+   (:func:`dlfix_jax.training.loop.fit_many`): one model after another on
+   CPU, one vmapped step for all K on GPU/TPU (the per-backend strategy of
+   :mod:`dlfix_jax.seed_axis`; ``rdlm_strategy`` overrides it). The stacked
+   result carries a leading K axis (see :func:`train_rdlms`).
 2. **Weight adaptation, one mini-batch at a time.** The failing repair
    inputs are shuffled and cut into mini-batches of ``batch_size`` (20). For
    each input x of a batch that the *current* model misclassifies, the rDLMs
@@ -70,7 +72,7 @@ the validation accuracy), ``accepted_retrain`` (retrainings that did),
 ``adjusted`` (inputs that changed the weights),
 ``valid_acc_trace`` (after each adaptation), ``valid_acc_post_retrain``,
 ``best_valid_acc``, ``orig_valid_acc``, ``rdlm_valid_acc`` (K,),
-``stop_reason`` and timings.
+``stop_reason`` (code into :data:`STOP_REASONS`) and ``time_rdlm_s``.
 """
 
 from __future__ import annotations
@@ -82,11 +84,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
+from dlfix_jax import predict as predict_lib
+from dlfix_jax import progress as progress_lib
+from dlfix_jax import seed_axis
 from dlfix_jax.fixers import base
+from dlfix_jax.training import loop
 
 STRATEGIES = ("both", "correct_only", "incorrect_only")
+STOP_REASONS = ("max_passes", "patience", "no adaptable failing input in a "
+                "pass", "no failing inputs")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -96,6 +103,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rdlm_epochs = 60
     c.rdlm_lr = 2e-4
     c.rdlm_batch_size = 128
+    c.rdlm_strategy = "auto"   # auto | sequential | vmap (seed_axis)
     c.batch_size = 20
     c.eta = 1e-3
     c.strategy = "both"
@@ -108,69 +116,26 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-# ---------------------------------------------------------------------------
-# Small pure helpers
+def check_config(cfg) -> None:
+    base.check_ranges(
+        cfg, num_rdlms=(2, None), rdlm_per_class=(1, None),
+        rdlm_epochs=(0, None), rdlm_lr=(0.0, 10.0), rdlm_batch_size=(1, None),
+        rdlm_strategy={"auto", "sequential", "vmap"}, batch_size=(1, None),
+        eta=(0.0, None), strategy=set(STRATEGIES), retrain_epochs=(0.0, None),
+        retrain_lr=(0.0, 10.0), retrain_batch_size=(1, None),
+        patience=(1, None), max_passes=(1, None), eval_batch_size=(1, None))
 
 
-def _xent(logits, y):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-
-def _split_vars(variables):
-    params = variables["params"]
-    other = {k: v for k, v in variables.items() if k != "params"}
-    return params, other
-
-
-def _train_step(model, tx, params, other, opt_state, x, y, key):
-    """One Adam step of one model; returns (params, other, opt_state, loss)."""
-
-    def loss_fn(p):
-        logits, new_bs = model.apply({**other, "params": p}, x, train=True,
-                                     rngs={"dropout": key})
-        return _xent(logits, y), new_bs
-
-    (loss, new_bs), g = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    upd, opt_state = tx.update(g, opt_state, params)
-    params = optax.apply_updates(params, upd)
-    if "batch_stats" in other:
-        other = {**other, "batch_stats": new_bs}
-    return params, other, opt_state, loss
-
-
-def _epoch_indices(key, pool_size: int, batch: int, steps: int):
-    """(steps, batch) indices into a pool: concatenated permutations."""
-    per = max(pool_size // batch, 1)
-    n_perm = -(-steps // per)
-    keys = jax.random.split(key, n_perm)
-    perms = [jax.random.permutation(k, pool_size)[: per * batch] for k in keys]
-    idx = jnp.concatenate(perms) if len(perms) > 1 else perms[0]
-    if idx.shape[0] < steps * batch:  # pool smaller than one batch
-        idx = jnp.resize(idx, (steps * batch,))
-    return idx[: steps * batch].reshape(steps, batch)
-
-
-def accuracy(model, variables, data: base.Data, batch_size: int = 1000):
-    """Top-1 accuracy (fraction) of ``variables`` on ``data``; jit-able."""
-    n = data.x.shape[0]
-    bs = min(batch_size, n)
-    nb = -(-n // bs)
-    pad = nb * bs - n
-    x = jnp.concatenate([data.x, jnp.zeros((pad,) + data.x.shape[1:],
-                                           data.x.dtype)]) if pad else data.x
-    y = jnp.concatenate([data.y, -jnp.ones((pad,), data.y.dtype)]) if pad else data.y
-    xb = x.reshape((nb, bs) + x.shape[1:])
-    yb = y.reshape(nb, bs)
-
-    def one(args):
-        xi, yi = args
-        return jnp.sum(jnp.argmax(model.apply(variables, xi), -1) == yi)
-
-    return jnp.sum(jax.lax.map(one, (xb, yb))) / n
+def applicable(info: base.ProblemInfo) -> str | None:
+    if info.streaming:
+        return ("Apricot samples per-class subsets of the training set for "
+                "its reduced models, which needs the training set in memory "
+                "(this one is streamed)")
+    return None
 
 
 # ---------------------------------------------------------------------------
-# Step 1: reduced models, trained together under vmap
+# Step 1: reduced models
 
 
 def rdlm_subsets(key, y: np.ndarray, num_classes: int, k: int, per_class: int
@@ -191,62 +156,37 @@ def rdlm_subsets(key, y: np.ndarray, num_classes: int, k: int, per_class: int
     return order[:, cols]
 
 
-@functools.lru_cache(maxsize=32)
-def _rdlm_fns(model, k: int, n_sub: int, bs: int, steps: int, lr: float):
-    """Jitted ``init(keys)`` and ``epoch(...)`` of K models trained together
-    (cached per model and shape, so repeated fixes compile once)."""
-    tx = optax.adam(lr)
-    step = jax.vmap(functools.partial(_train_step, model, tx))
-
-    @jax.jit
-    def init(keys):
-        params, other = _split_vars(jax.vmap(model.init)(keys))
-        return params, other, jax.vmap(tx.init)(params)
-
-    @jax.jit
-    def epoch(params, other, opt_state, ekey, subsets, tx_, ty_):
-        # (K, steps, bs) positions into each model's own subset.
-        order = jax.vmap(lambda kk: _epoch_indices(kk, n_sub, bs, steps))(
-            jax.random.split(ekey, k))
-        idx = jnp.take_along_axis(subsets, order.reshape(k, -1), axis=1
-                                  ).reshape(k, steps, bs)
-        dkeys = jax.random.split(jax.random.fold_in(ekey, 1), (steps, k))
-
-        def body(carry, s):
-            p, o, st = carry
-            ix = idx[:, s]                                  # (K, bs)
-            p, o, st, loss = step(p, o, st, tx_[ix], ty_[ix], dkeys[s])
-            return (p, o, st), loss
-
-        (params, other, opt_state), losses = jax.lax.scan(
-            body, (params, other, opt_state), jnp.arange(steps))
-        return params, other, opt_state, losses.mean(0)
-
-    return init, epoch
-
-
-def train_rdlms(key, model, train: base.Data, num_classes: int,
+def train_rdlms(key, model, train, num_classes: int,
                 config: ml_collections.ConfigDict):
-    """Trains K reduced models together; returns (stacked variables, subsets).
+    """Trains K reduced models; returns (stacked variables, subsets).
 
-    Every leaf of the returned variables has a leading K axis. Initialisation,
-    data order and dropout are keyed per rDLM; one jitted ``vmap`` of the
-    train step advances all K models (an epoch is a ``lax.scan``).
+    Every leaf of the returned variables has a leading K axis. Each rDLM has
+    its own key for initialisation, data order and dropout; the models are
+    trained by :func:`dlfix_jax.training.loop.fit_many`.
     """
+    train = train if hasattr(train, "subset") else base.Source(train)
     k = int(config.num_rdlms)
     k_sub, k_init, k_ord = jax.random.split(key, 3)
-    subsets = rdlm_subsets(k_sub, np.asarray(train.y), num_classes, k,
+    y = np.asarray(train.split().y)
+    subsets = rdlm_subsets(k_sub, y, num_classes, k,
                            int(config.rdlm_per_class))
-    n_sub = subsets.shape[1]
+    sub = np.asarray(subsets)
+    n_sub = sub.shape[1]
     bs = min(int(config.rdlm_batch_size), n_sub)
-    steps = max(n_sub // bs, 1)
-    init, epoch = _rdlm_fns(model, k, n_sub, bs, steps, float(config.rdlm_lr))
-    params, other, opt_state = init(jax.random.split(k_init, k))
-    for e in range(int(config.rdlm_epochs)):
-        params, other, opt_state, _ = epoch(params, other, opt_state,
-                                            jax.random.fold_in(k_ord, e),
-                                            subsets, train.x, train.y)
-    return {**other, "params": params}, subsets
+    steps = int(config.rdlm_epochs) * -(-n_sub // bs)
+    tx = loop.optimizer("adam", float(config.rdlm_lr))
+    step_fn = loop.make_step(loop.xent(model), tx)
+    keys = [jax.random.fold_in(k_init, i) for i in range(k)]
+    inits = [model.init(kk) for kk in keys]
+    iters = [train.subset(sub[i]).take_steps(
+        jax.random.fold_in(loop.order_key(k_ord), i), bs, steps)
+        for i in range(k)]
+    trained = loop.fit_many(
+        [jax.random.fold_in(loop.step_key(k_ord), i) for i in range(k)],
+        inits, iters, step_fn=step_fn, tx=tx, num_steps=steps,
+        strategy=str(config.get("rdlm_strategy", "auto")),
+        desc="Apricot reduced models")
+    return seed_axis.stack_variables(trained), subsets
 
 
 # ---------------------------------------------------------------------------
@@ -329,45 +269,16 @@ def retrain_steps(n: int, config) -> tuple[int, int]:
     return bs, int(round(float(config.retrain_epochs) * n / bs))
 
 
-@functools.lru_cache(maxsize=32)
-def make_retrain(model, n: int, bs: int, steps: int, lr: float):
-    """Returns jitted ``retrain(variables, opt_state, key, x, y)`` (x, y: the
-    training set of size n) and the optimiser."""
-    tx = optax.adam(lr)
-    step = functools.partial(_train_step, model, tx)
-
-    @jax.jit
-    def retrain(variables, opt_state, key, tx_, ty_):
-        if steps == 0:
-            return variables, opt_state
-        params, other = _split_vars(variables)
-        idx = _epoch_indices(key, n, bs, steps)
-        dkeys = jax.random.split(jax.random.fold_in(key, 1), steps)
-
-        def body(carry, s):
-            p, o, st = carry
-            p, o, st, _ = step(p, o, st, tx_[idx[s]], ty_[idx[s]], dkeys[s])
-            return (p, o, st), None
-
-        (params, other, opt_state), _ = jax.lax.scan(
-            body, (params, other, opt_state), jnp.arange(steps))
-        return {**other, "params": params}, opt_state
-
-    return retrain, tx
-
-
 # ---------------------------------------------------------------------------
 # The fixer
 
 
-@functools.lru_cache(maxsize=32)
-def _acc_fns(model, batch_size: int):
-    one = jax.jit(lambda v, d: accuracy(model, v, d, batch_size))
-    stack = jax.jit(jax.vmap(lambda v, d: accuracy(model, v, d, batch_size),
-                             in_axes=(0, None)))
-    return one, stack
-
-
+@base.register("apricot", level="model", abbrev="AP", vmappable=False,
+               paper="Zhang & Chan, 'Apricot: A Weight-Adaptation Approach "
+                     "to Fixing Deep Learning Models', ASE 2019",
+               default_config=default_config, applicable=applicable,
+               check_config=check_config,
+               codes={"stop_reason": STOP_REASONS})
 def fix(key: jax.Array, problem: base.Problem,
         config: ml_collections.ConfigDict) -> base.FixResult:
     """Apricot; see the module docstring for the algorithm and deviations."""
@@ -378,42 +289,52 @@ def fix(key: jax.Array, problem: base.Problem,
                          f"one of {STRATEGIES}")
     k_rdlm, k_adapt, k_retrain = jax.random.split(key, 3)
     ebs = int(config.eval_batch_size)
-    acc_fn, acc_stack_fn = _acc_fns(model, ebs)
+    valid = problem.valid
 
     def valid_acc(v):
-        return acc_fn(v, problem.valid)
-
+        return predict_lib.accuracy(model, v, valid, ebs)
 
     rdlms, _ = train_rdlms(k_rdlm, model, problem.train, problem.num_classes,
                            config)
     rdlms = jax.block_until_ready(rdlms)
     t_rdlm = time.perf_counter() - t0
-    rdlm_acc = acc_stack_fn(rdlms, problem.valid)
+    rdlm_acc = [valid_acc(v) for v in seed_axis.unstack_variables(rdlms)]
 
     variables = problem.variables
     best, best_acc = variables, float(valid_acc(variables))
     orig_acc = best_acc
-    info = {"orig_valid_acc": orig_acc, "rdlm_valid_acc": np.asarray(rdlm_acc).tolist(),
-            "num_rdlms": int(config.num_rdlms), "strategy": config.strategy,
-            "batches": 0, "accepted": 0, "accepted_retrain": 0, "adjusted": 0,
-            "valid_acc_trace": [], "valid_acc_post_retrain": []}
+    trace, post = [], []
+    counts = {"batches": 0, "accepted": 0, "accepted_retrain": 0,
+              "adjusted": 0}
     n_fail = len(problem.failing)
+
+    def result(vars_, stop):
+        info = {"orig_valid_acc": orig_acc,
+                "rdlm_valid_acc": np.asarray(rdlm_acc, np.float32),
+                "num_rdlms": int(config.num_rdlms), **counts,
+                "valid_acc_trace": np.asarray(trace, np.float32),
+                "valid_acc_post_retrain": np.asarray(post, np.float32),
+                "best_valid_acc": best_acc, "stop_reason": stop,
+                "time_rdlm_s": t_rdlm}
+        return base.FixResult(vars_, None, info)
+
     if n_fail == 0:
-        info.update(stop_reason="no failing inputs", best_valid_acc=best_acc,
-                    time_rdlm_s=t_rdlm, time_s=time.perf_counter() - t0)
-        return base.FixResult(variables, info)
+        return result(variables, STOP_REASONS.index("no failing inputs"))
 
     adapt = make_adapt(model, float(config.eta), config.strategy)
-    n_train = problem.train.x.shape[0]
+    n_train = len(problem.train)
     rbs, rsteps = retrain_steps(n_train, config)
-    retrain, tx = make_retrain(model, n_train, rbs, rsteps,
-                               float(config.retrain_lr))
-    info["retrain_steps_per_batch"] = rsteps
+    tx = loop.optimizer("adam", float(config.retrain_lr))
+    step_fn = loop.make_step(loop.xent(model), tx)
     opt_state = tx.init(variables["params"])
+    retrain_data = problem.train.take_steps(loop.order_key(k_retrain), rbs,
+                                            rsteps * 10**9 if rsteps else 0)
     bs = int(config.batch_size)
     nb = -(-n_fail // bs)
-    since, stop = 0, "max_passes"
-    for p in range(int(config.max_passes)):
+    max_passes = int(config.max_passes)
+    since, stop = 0, STOP_REASONS.index("max_passes")
+    prog = progress_lib.Progress(max_passes * nb, "Apricot adaptation batches")
+    for p in range(max_passes):
         perm = np.asarray(jax.random.permutation(jax.random.fold_in(k_adapt, p),
                                                  n_fail))
         perm = np.concatenate([perm, np.zeros(nb * bs - n_fail, perm.dtype)])
@@ -425,38 +346,37 @@ def fix(key: jax.Array, problem: base.Problem,
                                      problem.failing.y[ix], ok)
             n_adj = int(n_adj)
             pass_adjusted += n_adj
-            info["adjusted"] += n_adj
-            info["batches"] += 1
+            counts["adjusted"] += n_adj
+            counts["batches"] += 1
             acc = float(valid_acc(variables))
-            info["valid_acc_trace"].append(acc)
+            trace.append(acc)
             if acc > best_acc:
                 best, best_acc, since = variables, acc, 0
-                info["accepted"] += 1
+                counts["accepted"] += 1
             else:
                 variables, since = best, since + 1
+            prog.update(counts["batches"], f"best valid acc {best_acc:.4f}")
             if since >= int(config.patience):
-                stop = "patience"
+                stop = STOP_REASONS.index("patience")
                 break
-            variables, opt_state = retrain(
-                variables, opt_state,
-                jax.random.fold_in(k_retrain, info["batches"]),
-                problem.train.x, problem.train.y)
+            if rsteps:
+                state = loop.TrainState(
+                    variables["params"],
+                    {k_: v for k_, v in variables.items() if k_ != "params"},
+                    opt_state, jnp.int32(counts["batches"] * rsteps))
+                res = loop.fit(loop.step_key(k_retrain), None, retrain_data,
+                               step_fn=step_fn, state=state,
+                               num_steps=rsteps, desc="Apricot retraining")
+                variables, opt_state = res.variables, res.state.opt_state
             acc = float(valid_acc(variables))
-            info["valid_acc_post_retrain"].append(acc)
+            post.append(acc)
             if acc > best_acc:  # best-on-validation also over retrained weights
                 best, best_acc, since = variables, acc, 0
-                info["accepted_retrain"] += 1
-        if stop == "patience":
+                counts["accepted_retrain"] += 1
+        if stop == STOP_REASONS.index("patience"):
             break
         if pass_adjusted == 0:
-            stop = "no adaptable failing input in a pass"
+            stop = STOP_REASONS.index("no adaptable failing input in a pass")
             break
-    info.update(stop_reason=stop, best_valid_acc=best_acc, time_rdlm_s=t_rdlm,
-                time_s=time.perf_counter() - t0)
-    return base.FixResult(best, info)
-
-
-base.register("apricot", level="model", abbrev="AP", vmappable=False,
-              paper="Zhang & Chan, 'Apricot: A Weight-Adaptation Approach to "
-                    "Fixing Deep Learning Models', ASE 2019",
-              default_config=default_config)(fix)
+    prog.done()
+    return result(best, stop)

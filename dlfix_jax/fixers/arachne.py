@@ -81,9 +81,10 @@ import numpy as np
 
 from dlfix_jax import masks
 from dlfix_jax import search
+from dlfix_jax.fixers import _fitness
+from dlfix_jax.fixers import _localize
 from dlfix_jax.fixers import base
 from dlfix_jax.models import base as models_base
-from dlfix_jax.search.de import default_patience
 
 PAPER = ("Sohn, Kang, Yoo. Arachne: Search-Based Repair of Deep Neural "
          "Networks. ACM TOSEM 2023 (arXiv 1912.12463)")
@@ -106,13 +107,19 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
+def check_config(cfg) -> None:
+    base.check_ranges(cfg, population=(4, None), max_generations=(0, None),
+                      patience=(-1, None), cr=(0.0, 1.0), f_low=(0.0, 2.0),
+                      f_high=(0.0, 2.0), patch_aggr=(0.0, None),
+                      ng_factor=(0, None), num_positive=(0, None),
+                      batch_size=(1, None))
+    if cfg.f_low > cfg.f_high:
+        raise ValueError(f"config f_low={cfg.f_low} > f_high={cfg.f_high}")
+
+
 # ---------------------------------------------------------------------------
 # Target layer and applicability
 # ---------------------------------------------------------------------------
-
-def _param_shapes(model: models_base.Model):
-    return jax.eval_shape(model.init, jax.random.key(0))
-
 
 def target_layer(model: models_base.Model, params=None) -> str:
     """The last layer with parameters; raises ValueError unless it is a
@@ -125,14 +132,14 @@ def target_layer(model: models_base.Model, params=None) -> str:
         if last.kind != "dense":
             raise ValueError(f"the last parametric layer {last.name!r} of "
                              f"{model.name!r} is {last.kind!r}, not Dense")
-        after = model.layers[model.layers.index(last) + 1:]
-        if any(s.kind != "dropout" for s in after):
+        if not _fitness.is_logits_layer(model, last.name):
+            after = model.layers[model.layers.index(last) + 1:]
             raise ValueError(
                 f"layers after the last Dense {last.name!r} of {model.name!r} "
                 f"({[s.kind for s in after]}) change its output; Arachne's "
                 "cached fitness needs the Dense output to be the logits")
         return last.name
-    variables = params if params is not None else _param_shapes(model)
+    variables = params if params is not None else model.abstract_variables()
     order = model.all_layer_names(variables)
     owners = set(models_base.param_layers(variables["params"]))
     with_params = [n for n in order if n in owners]
@@ -146,11 +153,10 @@ def target_layer(model: models_base.Model, params=None) -> str:
     return name
 
 
-def applicable(model: models_base.Model, dataset) -> str | None:
+def applicable(info: base.ProblemInfo) -> str | None:
     """None when the model ends in a Dense layer producing the logits."""
-    del dataset
     try:
-        target_layer(model)
+        target_layer(info.model)
     except ValueError as e:
         return f"Arachne repairs the last Dense layer: {e}"
     return None
@@ -159,45 +165,6 @@ def applicable(model: models_base.Model, dataset) -> str | None:
 # ---------------------------------------------------------------------------
 # Host-side preparation (deterministic, key-independent)
 # ---------------------------------------------------------------------------
-
-def _capture(model, variables, layer, x, batch_size):
-    """(input of ``layer`` flattened to (N, d), logits) for ``x``, batched."""
-    fn = models_base.jitted_apply(model, (layer,))
-    hs, zs = [], []
-    for i in range(0, len(x), batch_size):
-        z, acts = fn(variables, x[i:i + batch_size])
-        hs.append(np.asarray(acts[layer]["input"], np.float32))
-        zs.append(np.asarray(z, np.float32))
-    if not hs:
-        return None, None
-    h = np.concatenate(hs)
-    if h.ndim != 2:
-        raise ValueError(f"input of {layer!r} has shape {h.shape[1:]}, "
-                         "expected a flat feature vector")
-    return h, np.concatenate(zs)
-
-
-def _pareto_front(g: np.ndarray, f: np.ndarray) -> np.ndarray:
-    """Boolean mask of the points not dominated when maximising (g, f).
-
-    p is dominated iff some q has g_q >= g_p, f_q >= f_p, one strictly.
-    """
-    order = np.lexsort((-f, -g))  # g descending, then f descending
-    gs, fs = g[order], f[order]
-    keep = np.zeros(len(g), bool)
-    best_f_higher_g = -np.inf   # max f over points with strictly larger g
-    i = 0
-    while i < len(gs):
-        j = i
-        while j < len(gs) and gs[j] == gs[i]:
-            j += 1
-        grp_max = fs[i]  # sorted descending within the group
-        for t in range(i, j):
-            keep[order[t]] = fs[t] == grp_max and fs[t] > best_f_higher_g
-        best_f_higher_g = max(best_f_higher_g, grp_max)
-        i = j
-    return keep
-
 
 def localise(kernel: np.ndarray, bias: np.ndarray, h_neg: np.ndarray,
              y_neg: np.ndarray, ng_factor: int) -> dict:
@@ -212,29 +179,14 @@ def localise(kernel: np.ndarray, bias: np.ndarray, h_neg: np.ndarray,
       dict with ``indices`` (k, 2) kernel positions in C order, ``grad`` and
       ``fi`` (d, C) scores, ``num_candidates`` N_g used.
     """
-    w = kernel.astype(np.float64)
-    h = h_neg.astype(np.float64)
-    z = h @ w + bias.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    p[np.arange(len(y_neg)), y_neg] -= 1.0
-    grad = np.abs(h.T @ p)                                   # (d, C)
-    # FI front = mean_n |h_ni w_ij| / sum_i' |h_ni' w_i'j|, without the
-    # (N, d, C) tensor: the denominator is (|h| @ |w|)[n, j].
-    ah, aw = np.abs(h), np.abs(w)
-    denom = ah @ aw                                          # (N, C)
-    inv = np.where(denom > 0, 1.0 / np.where(denom > 0, denom, 1.0), 0.0)
-    front = aw * (ah.T @ inv) / max(len(h), 1)               # (d, C)
-    behind = np.full((w.shape[1],), 1.0 / w.shape[1])        # uniform, see doc
-    fi = front * behind[None, :]
-    flat_g, flat_f = grad.ravel(), fi.ravel()
-    n_all = flat_g.size
+    grad = _localize.dense_gradient(kernel, bias, h_neg, y_neg)
+    front = _localize.forward_impact(kernel, h_neg)
+    # The "backward" factor is uniform for the logits layer (module doc).
+    fi = front * np.full((kernel.shape[1],), 1.0 / kernel.shape[1])[None, :]
+    n_all = grad.size
     ng = n_all if ng_factor <= 0 else min(n_all, int(ng_factor) * len(y_neg))
-    cand = np.argsort(-flat_g, kind="stable")[:ng]
-    on_front = _pareto_front(flat_g[cand], flat_f[cand])
-    flat = np.sort(cand[on_front])
-    idx = np.stack(np.unravel_index(flat, w.shape), axis=1).astype(np.int32)
+    flat = _localize.bidirectional(grad, fi, ng)
+    idx = np.stack(np.unravel_index(flat, kernel.shape), axis=1).astype(np.int32)
     return {"indices": idx, "grad": grad, "fi": fi, "num_candidates": ng}
 
 
@@ -250,47 +202,35 @@ def bounds(kernel: np.ndarray) -> tuple[float, float]:
 # Fitness and search (pure JAX)
 # ---------------------------------------------------------------------------
 
-def _ce_and_correct(z, y):
-    lse = jax.nn.logsumexp(z, axis=-1)
-    loss = lse - jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
-    return loss, jnp.argmax(z, axis=-1) == y
-
-
-def make_fitness(h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
-                 num_classes: int, patch_aggr: float):
-    """Arachne's fitness of one candidate vector ``v`` (k,) (maximise).
-
-    Logits are the cached originals plus the change of the k kernel entries:
-    ``z + h[:, rows] @ ((v - w0)[:, None] * onehot(cols))`` (one
-    (N, k) x (k, C) matmul; vmapped over a population it is a batched matmul).
-    """
-    onehot = jax.nn.one_hot(cols, num_classes, dtype=jnp.float32)  # (k, C)
-    hp, hn = h_pos[:, rows], h_neg[:, rows]
-
-    def part(hs, z, y, v):
-        zz = z + hs @ ((v - w0)[:, None] * onehot)
-        loss, ok = _ce_and_correct(zz, y)
-        return jnp.sum(ok) + jnp.sum(jnp.where(ok, 0.0, 1.0 / (loss + 1.0)))
+def make_fitness(pos: _fitness.LayerCache, y_pos, neg: _fitness.LayerCache,
+                 y_neg, rows, cols, w0, patch_aggr: float):
+    """Arachne's fitness of one candidate vector ``v`` (k,) (maximise):
+    ``score(I_pos) + alpha * score(I_neg)`` on cached-activation logits
+    (:mod:`dlfix_jax.fixers._fitness`)."""
+    zp = _fitness.candidate_logits(pos, rows, cols, w0)
+    zn = _fitness.candidate_logits(neg, rows, cols, w0)
 
     def fitness(v):
-        return part(hp, z_pos, y_pos, v) + patch_aggr * part(hn, z_neg, y_neg, v)
+        return (_fitness.correct_score(zp(v), y_pos)
+                + patch_aggr * _fitness.correct_score(zn(v), y_neg))
 
     return fitness
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "num_classes", "population", "max_generations", "patience", "cr",
-    "f_range", "patch_aggr", "num_positive"))
+    "population", "max_generations", "patience", "cr", "f_range",
+    "patch_aggr", "num_positive"))
 def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
-            mean, std, lo, hi, *, num_classes, population, max_generations,
-            patience, cr, f_range, patch_aggr, num_positive):
+            mean, std, lo, hi, *, population, max_generations, patience, cr,
+            f_range, patch_aggr, num_positive):
     k_init, k_pos, k_de = jax.random.split(key, 3)
     if num_positive > 0:
         sel = jax.random.choice(k_pos, h_pos.shape[0], (num_positive,),
                                 replace=True)
         h_pos, y_pos, z_pos = h_pos[sel], y_pos[sel], z_pos[sel]
-    fitness = make_fitness(h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows,
-                           cols, w0, num_classes, patch_aggr)
+    pos = _fitness.LayerCache("", h_pos, z_pos, z_pos)
+    neg = _fitness.LayerCache("", h_neg, z_neg, z_neg)
+    fitness = make_fitness(pos, y_pos, neg, y_neg, rows, cols, w0, patch_aggr)
     init = mean + std * jax.random.normal(k_init, (population, rows.shape[0]))
     res = search.de(k_de, fitness, init, lo, hi,
                     max_generations=max_generations, cr=cr, f_range=f_range,
@@ -300,18 +240,19 @@ def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
 
 @base.register("arachne", level="neuron", paper=PAPER,
                default_config=default_config, applicable=applicable,
-               vmappable=True, abbrev="AR")
+               vmappable=True, abbrev="AR", check_config=check_config,
+               codes={"stop_reason": search.STOP_REASONS})
 def fix(key: jax.Array, problem: base.Problem,
         config: ml_collections.ConfigDict) -> base.FixResult:
     """Repairs ``problem`` with Arachne (localisation + DE); see module doc.
 
     Returns:
-      FixResult whose ``info`` has ``mask`` (element mask over params: the
-      localised kernel entries), ``localised`` ((k, 2) kernel indices),
-      ``num_localised``, ``num_candidates`` (N_g), ``generations``,
-      ``fitness_trace`` (best per generation, NaN-padded), ``best_fitness``,
-      ``initial_fitness`` (fitness of the unchanged model), ``stop_reason``
-      (code into :data:`dlfix_jax.search.STOP_REASONS`) and ``evaluations``.
+      FixResult whose ``mask`` selects the localised kernel entries and whose
+      ``info`` has ``localised`` ((k, 2) kernel indices), ``num_localised``,
+      ``num_candidates`` (N_g), ``generations``, ``fitness_trace`` (best per
+      generation, NaN-padded), ``best_fitness``, ``initial_fitness``
+      (fitness of the unchanged model), ``stop_reason`` (code into
+      :data:`dlfix_jax.search.STOP_REASONS`) and ``evaluations``.
 
     Raises:
       ValueError: no failing repair inputs, or the model is not applicable.
@@ -332,18 +273,14 @@ def fix(key: jax.Array, problem: base.Problem,
     bias = np.asarray(lp.get("bias", np.zeros(kernel.shape[1])), np.float32)
     if kernel.ndim != 2:
         raise ValueError(f"layer {layer!r} is not Dense (kernel {kernel.shape})")
-    num_classes = kernel.shape[1]
 
     # --- host part: depends on the problem only, never on the key ---------
     bs = int(config.batch_size)
-    h_neg, z_neg = _capture(model, variables, layer, problem.failing.x, bs)
-    h_pos, z_pos = _capture(model, variables, layer, problem.passing.x, bs)
+    neg = _fitness.cache_layer(model, variables, layer, problem.failing.x, bs)
+    pos = _fitness.cache_layer(model, variables, layer, problem.passing.x, bs)
     y_neg = np.asarray(problem.failing.y, np.int32)
     y_pos = np.asarray(problem.passing.y, np.int32)
-    if h_pos is None:  # every repair input fails: no I_pos term
-        h_pos = np.zeros((0, kernel.shape[0]), np.float32)
-        z_pos = np.zeros((0, num_classes), np.float32)
-    loc = localise(kernel, bias, h_neg, y_neg, int(config.ng_factor))
+    loc = localise(kernel, bias, neg.h, y_neg, int(config.ng_factor))
     idx = loc["indices"]
     mask = masks.weight_mask(params, layer, idx)
     rows, cols = idx[:, 0], idx[:, 1]
@@ -352,16 +289,16 @@ def fix(key: jax.Array, problem: base.Problem,
     if num_positive > 0 and len(y_pos) == 0:
         num_positive = 0
     max_gens = int(config.max_generations)
-    patience = (default_patience(max_gens)
+    patience = (search.default_patience(max_gens)
                 if int(config.patience) < 0 else int(config.patience))
 
     # --- device part: key-dependent, static shapes -------------------------
     res, f_orig = _search(
-        key, jnp.asarray(h_pos), jnp.asarray(y_pos), jnp.asarray(z_pos),
-        jnp.asarray(h_neg), jnp.asarray(y_neg), jnp.asarray(z_neg),
+        key, jnp.asarray(pos.h), jnp.asarray(y_pos), jnp.asarray(pos.logits),
+        jnp.asarray(neg.h), jnp.asarray(y_neg), jnp.asarray(neg.logits),
         jnp.asarray(rows), jnp.asarray(cols), jnp.asarray(kernel[rows, cols]),
         float(np.mean(kernel)), float(np.std(kernel)), lo, hi,
-        num_classes=num_classes, population=int(config.population),
+        population=int(config.population),
         max_generations=max_gens, patience=patience, cr=float(config.cr),
         f_range=(float(config.f_low), float(config.f_high)),
         patch_aggr=float(config.patch_aggr), num_positive=num_positive)
@@ -370,7 +307,6 @@ def fix(key: jax.Array, problem: base.Problem,
     new_vars = dict(variables)
     new_vars["params"] = new_params
     info = {
-        "mask": mask,
         "localised": jnp.asarray(idx, jnp.int32),
         "num_localised": jnp.int32(len(idx)),
         "num_candidates": jnp.int32(loc["num_candidates"]),
@@ -381,4 +317,4 @@ def fix(key: jax.Array, problem: base.Problem,
         "stop_reason": res.stop_reason,
         "evaluations": res.evaluations,
     }
-    return base.FixResult(new_vars, info)
+    return base.FixResult(new_vars, mask, info)

@@ -60,12 +60,14 @@ patterns, so the guarantee holds for the decoupled network only;
 ``info["max_violation_decoupled"]`` what the LP guarantees. PRDNN's
 polytope (V-)repair is not implemented; only pointwise repair.
 
-``info``: ``mask`` (the repaired layer's leaf mask over params), ``layer``,
-``lp_status``, ``lp_message``, ``objective``,
-``num_constraints``, ``num_variables``, ``num_failing``, ``num_passing``,
-``max_violation`` (max over constrained points and classes of
-``max(0, margin − actual margin)`` after repair, float32 network),
-``max_violation_decoupled``, ``time_lp_s``, ``time_s``.
+``mask``: the repaired layer's kernel and bias. ``info``: ``layer_index``
+(into the model's layers), ``lp_status`` (code into
+:data:`dlfix_jax.fixers._linear.LP_STATUS`; -1: nothing to do), ``objective``,
+``num_constraints``, ``num_variables``, ``constraint_nonzeros``,
+``num_failing``, ``num_passing``, ``max_violation`` (max over constrained
+points and classes of ``max(0, margin − actual margin)`` after repair,
+float32 network), ``max_violation_decoupled``, and the phase times
+``time_build_s`` (Jacobians and constraint rows) and ``time_lp_s`` (HiGHS).
 """
 
 from __future__ import annotations
@@ -76,15 +78,17 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import scipy.optimize
 import scipy.sparse
 
 from dlfix_jax import masks
+from dlfix_jax import predict as predict_lib
+from dlfix_jax.fixers import _linear
 from dlfix_jax.fixers import base
 from dlfix_jax.models import base as models_base
 from dlfix_jax.models import layers as layers_lib
 
 REPAIRABLE_KINDS = ("dense", "conv")
+NORMS = ("l1", "linf")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -98,9 +102,15 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def applicable(model, dataset) -> str | None:
-    """None when RA can repair ``model``; otherwise the reason."""
-    del dataset
+def check_config(cfg) -> None:
+    base.check_ranges(cfg, norm=set(NORMS), margin=(0.0, None),
+                      num_passing=(-1, None), max_lp_size=(1, None),
+                      batch_size=(1, None))
+
+
+def applicable(info: base.ProblemInfo) -> str | None:
+    """None when RA can repair the model; otherwise the reason."""
+    model = info.model
     if getattr(model, "layers", None) is None:
         return (f"model {model.name!r} is not sequential: the decoupled "
                 "network needs a sequential piecewise-linear model")
@@ -128,125 +138,33 @@ def _layer_index(model, name: str) -> int:
     return i
 
 
-def _sub_variables(variables, names):
-    out = {}
-    for col, tree in variables.items():
-        sub = {n: tree[n] for n in names if n in tree}
-        if sub:
-            out[col] = sub
-    return out
-
-
-def decoupled_map(model, variables, layer_index: int):
-    """Builds the decoupled network's pieces for layer ``layer_index``.
-
-    Returns ``(layer_in, lin)`` where ``layer_in(x)`` is the (unchanged) input
-    of the layer and ``lin(a, delta)`` is the change of the logits of one point
-    with layer input ``a`` (no batch axis) when the layer's parameters change
-    by ``delta`` ({"kernel": ..., "bias": ...}), under the original network's
-    activation pattern at that point. ``lin`` is linear in ``delta``.
-    """
-    specs = model.layers
-    s = specs[layer_index]
-    name = s.name
-    layer_mod = layers_lib.Sequential((s,))
-    tail_specs = tuple(specs[layer_index + 1:])
-    tail_mod = layers_lib.Sequential(tail_specs)
-    tail_vars = _sub_variables(variables, [t.name for t in tail_specs])
-    layer_vars = _sub_variables(variables, [name])
-
-    def layer_in(x):
-        _, acts = model.apply(variables, x, capture=(name,))
-        return acts[name]["input"]
-
-    def tail(z):
-        if not tail_specs:
-            return z
-        return tail_mod.apply(tail_vars, z, train=False)
-
-    def lin(a, delta):
-        a = a[None]
-        z0 = layer_mod.apply(layer_vars, a, train=False)
-        dz = layer_mod.apply({"params": {name: delta}}, a, train=False)
-        # dz is linear in delta (kernel and bias both enter linearly); the
-        # tail's JVP at the original z0 applies the frozen activation pattern.
-        _, dlogits = jax.jvp(tail, (z0,), (dz,))
-        return dlogits[0]
-
-    return layer_in, lin
-
-
-def _margin_rows(jac, logits, y, margin, num_classes):
-    """Rows M, rhs r of M·Δ ≥ r for every (point, class j ≠ y)."""
-    n = jac.shape[0]
-    rows, rhs = [], []
-    for j in range(num_classes):
-        keep = y != j
-        if not np.any(keep):
-            continue
-        idx = np.nonzero(keep)[0]
-        m = jac[idx, y[idx], :] - jac[idx, j, :]
-        rows.append(m)
-        rhs.append(margin - (logits[idx, y[idx]] - logits[idx, j]))
-    del n
-    return np.concatenate(rows), np.concatenate(rhs)
-
-
-def solve_lp(m, r: np.ndarray, norm: str):
-    """Minimises ‖Δ‖ (l1 or linf) s.t. m·Δ ≥ r (m dense or scipy sparse);
-    returns (Δ, result)."""
-    nc, nv = m.shape
-    ms = scipy.sparse.csr_matrix(m)
-    if norm == "l1":
-        # Δ = u − v, u, v ≥ 0:  −m·u + m·v ≤ −r.
-        a_ub = scipy.sparse.hstack([-ms, ms], format="csr")
-        c = np.ones(2 * nv)
-        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=-r, bounds=(0, None),
-                                     method="highs")
-        delta = None if res.x is None else res.x[:nv] - res.x[nv:]
-    elif norm == "linf":
-        # variables (Δ, t): −m·Δ ≤ −r;  Δ − t ≤ 0;  −Δ − t ≤ 0.
-        eye = scipy.sparse.identity(nv, format="csr")
-        one = scipy.sparse.csr_matrix(np.ones((nv, 1)))
-        a_ub = scipy.sparse.vstack([
-            scipy.sparse.hstack([-ms, scipy.sparse.csr_matrix((nc, 1))]),
-            scipy.sparse.hstack([eye, -one]),
-            scipy.sparse.hstack([-eye, -one])], format="csr")
-        b_ub = np.concatenate([-r, np.zeros(2 * nv)])
-        c = np.zeros(nv + 1)
-        c[-1] = 1.0
-        bounds = [(None, None)] * nv + [(0, None)]
-        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds,
-                                     method="highs")
-        delta = None if res.x is None else res.x[:nv]
-    else:
-        raise ValueError(f"RA: unknown norm {norm!r}; use 'l1' or 'linf'")
-    return delta, res
-
-
 def margins(model, variables, x, y) -> np.ndarray:
     """(N, C) logit_y − logit_j of ``variables`` on (x, y) (float32 network)."""
-    logits = np.asarray(models_base.jitted_apply(model)(variables, x), np.float64)
+    logits = predict_lib.logits(model, variables, x).astype(np.float64)
     y = np.asarray(y)
     return logits[np.arange(len(y)), y][:, None] - logits
 
 
+@base.register("ra", level="layer", abbrev="RA", vmappable=False,
+               paper="Sotoudeh & Thakur, 'Provable Repair of Deep Neural "
+                     "Networks' (PRDNN), PLDI 2021 -- our interpretation of "
+                     "the study's 'RA'",
+               default_config=default_config, applicable=applicable,
+               check_config=check_config,
+               codes={"lp_status": _linear.LP_STATUS})
 def fix(key: jax.Array, problem: base.Problem,
         config: ml_collections.ConfigDict) -> base.FixResult:
     """RA (PRDNN-style pointwise LP repair); see the module docstring."""
-    t0 = time.perf_counter()
     model = problem.model
-    reason = applicable(model, None)
+    reason = applicable(problem.info)
     if reason:
         raise ValueError(f"RA is not applicable: {reason}")
     li = _layer_index(model, config.layer)
     name = model.layers[li].name
     variables = problem.variables
-    lparams = models_base.get_layer_params(variables["params"], name)
-    delta0 = jax.tree_util.tree_map(jnp.zeros_like, dict(lparams))
-    leaves0, treedef = jax.tree_util.tree_flatten(delta0)
-    sizes = [l.size for l in leaves0]
-    nv = int(sum(sizes))
+    params = variables["params"]
+    lparams = models_base.get_layer_params(params, name)
+    mask = masks.layer_mask(params, name)
 
     # The constrained points: all failing + a key-chosen sample of passing.
     n_fail, n_passing_all = len(problem.failing), len(problem.passing)
@@ -261,30 +179,20 @@ def fix(key: jax.Array, problem: base.Problem,
     y = np.concatenate([np.asarray(problem.failing.y),
                         np.asarray(problem.passing.y)[sel]]).astype(np.int64)
     nc_rows = len(y) * (problem.num_classes - 1)
-    info = {"layer": name, "num_failing": n_fail, "num_passing": int(k),
+    nv = int(sum(np.size(v) for v in lparams.values()))
+    info = {"layer_index": li, "num_failing": n_fail, "num_passing": int(k),
             "num_variables": nv * (2 if config.norm == "l1" else 1)
             + (1 if config.norm == "linf" else 0),
-            "num_constraints": nc_rows, "margin": float(config.margin),
-            "norm": config.norm}
+            "num_constraints": nc_rows, "margin": float(config.margin)}
     if n_fail == 0:
-        info.update(mask=masks.layer_mask(variables["params"], name),
-                    lp_status=-1, lp_message="no failing inputs; nothing to do",
-                    objective=0.0, max_violation=0.0, max_violation_decoupled=0.0,
-                    time_lp_s=0.0, time_s=time.perf_counter() - t0)
-        return base.FixResult(variables, info)
+        info.update(lp_status=-1, objective=0.0, max_violation=0.0,
+                    max_violation_decoupled=0.0, constraint_nonzeros=0,
+                    time_build_s=0.0, time_lp_s=0.0)
+        return base.FixResult(variables, mask, info)
 
     # Jacobian of the (linear) decoupled logit change w.r.t. the flat Δ.
-    layer_in, lin = decoupled_map(model, variables, li)
-
-    def lin_flat(a, flat):
-        parts, off = [], 0
-        for l, sz in zip(leaves0, sizes):
-            parts.append(flat[off:off + sz].reshape(l.shape))
-            off += sz
-        return lin(a, jax.tree_util.tree_unflatten(treedef, parts))
-
-    jac_fn = jax.jit(jax.vmap(jax.jacrev(lin_flat, argnums=1), in_axes=(0, None)))
-    in_fn = jax.jit(layer_in)
+    t_build = time.perf_counter()
+    in_fn, jac_fn, unravel, nv = _linear.delta_jacobian_fns(model, li)
     logit_fn = models_base.jitted_apply(model)
     bs = int(config.batch_size)
     zero = jnp.zeros((nv,), jnp.float32)
@@ -295,10 +203,12 @@ def fix(key: jax.Array, problem: base.Problem,
     width = 2 if config.norm == "l1" else 1
     for i in range(0, len(y), bs):
         xb = x[i:i + bs]
-        jac_b = np.asarray(jac_fn(in_fn(xb), zero), np.float64)
+        jac_b = np.asarray(jac_fn(variables, in_fn(variables, xb), zero),
+                           np.float64)
         logit_b = np.asarray(logit_fn(variables, xb), np.float64)
-        m_b, r_b = _margin_rows(jac_b, logit_b, y[i:i + bs],
-                                float(config.margin), problem.num_classes)
+        m_b, r_b = _linear.margin_rows(jac_b, logit_b, y[i:i + bs],
+                                       float(config.margin),
+                                       problem.num_classes)
         m_b = scipy.sparse.csr_matrix(m_b)
         nnz += m_b.nnz
         if width * nnz > int(config.max_lp_size):
@@ -313,12 +223,12 @@ def fix(key: jax.Array, problem: base.Problem,
     m = scipy.sparse.vstack(blocks, format="csr")
     r = np.concatenate(rhs)
     info["constraint_nonzeros"] = int(m.nnz)
+    info["time_build_s"] = time.perf_counter() - t_build
 
     t_lp = time.perf_counter()
-    delta, res = solve_lp(m, r, config.norm)
-    t_lp = time.perf_counter() - t_lp
-    info.update(lp_status=int(res.status), lp_message=str(res.message),
-                time_lp_s=t_lp)
+    delta, res = _linear.solve_lp(m, r, config.norm)
+    info.update(lp_status=int(res.status),
+                time_lp_s=time.perf_counter() - t_lp)
     if res.status != 0 or delta is None:
         raise RuntimeError(
             f"RA: the LP for layer {name!r} was not solved (HiGHS status "
@@ -327,28 +237,13 @@ def fix(key: jax.Array, problem: base.Problem,
     info["objective"] = float(res.fun)
     info["max_violation_decoupled"] = float(max(0.0, np.max(r - m @ delta)))
 
-    parts, off = [], 0
-    for l, sz in zip(leaves0, sizes):
-        parts.append(delta[off:off + sz].reshape(l.shape))
-        off += sz
-    d = jax.tree_util.tree_unflatten(treedef, parts)
+    d = unravel(jnp.asarray(delta, jnp.float32))
     new_layer = {kk: (lparams[kk] + jnp.asarray(d[kk], lparams[kk].dtype)
                       if kk in d else lparams[kk]) for kk in lparams}
     new_vars = dict(variables)
     new_vars["params"] = masks.select(
-        masks.layer_mask(variables["params"], name),
-        models_base.set_layer_params(variables["params"], name, new_layer),
-        variables["params"])
-    info["mask"] = masks.layer_mask(variables["params"], name)
+        mask, models_base.set_layer_params(params, name, new_layer), params)
     mg = margins(model, new_vars, x, y)
     mg[np.arange(len(y)), y] = np.inf
     info["max_violation"] = float(max(0.0, np.max(float(config.margin) - mg)))
-    info["time_s"] = time.perf_counter() - t0
-    return base.FixResult(new_vars, info)
-
-
-base.register("ra", level="layer", abbrev="RA", vmappable=False,
-              paper="Sotoudeh & Thakur, 'Provable Repair of Deep Neural "
-                    "Networks' (PRDNN), PLDI 2021 -- our interpretation of the "
-                    "study's 'RA'",
-              default_config=default_config, applicable=applicable)(fix)
+    return base.FixResult(new_vars, mask, info)

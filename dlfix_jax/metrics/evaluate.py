@@ -3,7 +3,7 @@
 :func:`evaluate_models` is what the study runner and
 ``experiments/evaluate.py`` call: it predicts the test split with the
 original model and every fixed model (stacked models share one seed-axis
-execution strategy, see :mod:`dlfix_jax.study.seeds`), then computes ACC,
+execution strategy, see :mod:`dlfix_jax.seed_axis`), then computes ACC,
 ⇑ACC, RR, NFR and, on request, ASR/⇑ASR (:mod:`.pgd`) and AAOD/⇑AAOD
 (:mod:`.fairness`). Results are JSON-friendly Python values; per-fixed-model
 values are lists of length S in seed order.
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from dlfix_jax.metrics import classification, fairness, pgd
-from dlfix_jax.study import seeds
+from dlfix_jax import seed_axis as seeds
 
 
 def _resolve_data(data, dataset_name):

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dlfix_jax.metrics import classification
-from dlfix_jax.study import seeds
+from dlfix_jax import seed_axis as seeds
 
 STEPS = 40
 REL_STEPSIZE = 0.01 / 0.3
@@ -131,7 +131,7 @@ def attack_stack(model, stacked_vars, x0, y, *, eps: float, bounds,
       start: (n, ...) starting points (default ``x0``: no random start).
       steps, rel_stepsize, softmax: see the module docstring.
       batch_size: inputs per compiled call (last batch padded).
-      strategy: seed strategy (``dlfix_jax.study.seeds``).
+      strategy: seed strategy (``dlfix_jax.seed_axis``).
       return_adv: also return the (S, n, ...) adversarial inputs.
 
     Returns:
@@ -155,7 +155,7 @@ def attack_stack(model, stacked_vars, x0, y, *, eps: float, bounds,
     succ, adv = [], []
     for a in range(0, n, batch_size):
         b = min(a + batch_size, n)
-        pad = lambda arr: jnp.asarray(seeds._pad(arr[a:b], batch_size))  # noqa
+        pad = lambda arr: jnp.asarray(seeds.pad(arr[a:b], batch_size))  # noqa
         s, xa = mapper(stacked_vars, pad(x0), pad(y), pad(start), eps_, lo, hi)
         succ.append(np.asarray(s[:, :b - a]))
         if return_adv:

@@ -28,14 +28,36 @@ sequential models are layers with names of their own.
 
 With ``train=True`` (BatchNorm in training mode, dropout on; dropout needs
 ``rngs={"dropout": key}``) ``apply`` returns ``(logits, new_batch_stats)``, or
-``(logits, acts, new_batch_stats)`` with a capture.
+``(logits, acts, new_batch_stats)`` with a capture. Prefer the single-shape
+wrappers :meth:`Model.logits` (inference) and :meth:`Model.apply_train`
+(``(logits, new_state)``) in new code.
+
+Interventions
+-------------
+``intervene={name: fn}`` replaces layer ``name``'s output ``o`` by
+``fn(o)`` during the forward pass (a causal do-intervention, a patched
+neuron, a learned mask on an activation). It combines with ``capture``: the
+captured output is the replaced one.
+
+Surgery
+-------
+:func:`split_at` cuts a sequential model after a layer into a head (input ->
+that layer's output) and a tail (that output -> logits), each a
+:class:`Model` with its own slice of the variables (:func:`split_variables`).
+
+Identity and caching
+--------------------
+Models compare and hash by **structure** (name, layer specs or module repr,
+input shape, classes, output softmax), so two ``models.get("lenet5")`` calls
+give equal models and every ``functools.lru_cache`` / ``jax.jit`` static
+argument keyed by a model hits for both: one compile per architecture.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -70,13 +92,35 @@ class Model:
     layers: tuple[layers_lib.LayerSpec, ...] | None = None
     output_softmax: bool = False
 
+    def __post_init__(self):
+        object.__setattr__(self, "input_shape", tuple(self.input_shape))
+        key = (self.name, self.layers if self.layers is not None
+               else repr(self.module), self.input_shape, int(self.num_classes),
+               bool(self.output_softmax), type(self.module).__qualname__)
+        object.__setattr__(self, "_key", key)
+        object.__setattr__(self, "_hash", hash(key))
+
+    def __eq__(self, other) -> bool:
+        if self is other:
+            return True
+        return isinstance(other, Model) and self._key == other._key
+
+    def __hash__(self) -> int:
+        return self._hash
+
     @property
     def is_sequential(self) -> bool:
         return self.layers is not None
 
     @property
     def has_batch_norm(self) -> bool:
-        return bool(self.layer_names(kinds=("bn",))) if self.layers else True
+        """Whether the variables carry BatchNorm statistics."""
+        return "batch_stats" in self.abstract_variables()
+
+    def abstract_variables(self) -> Variables:
+        """``jax.eval_shape`` of :meth:`init`: the variables' structure,
+        shapes and dtypes without allocating them (cached per model)."""
+        return _abstract_variables(self)
 
     def init(self, key: jax.Array, input_shape: Sequence[int] | None = None
              ) -> Variables:
@@ -86,13 +130,16 @@ class Model:
         return dict(_jitted_init(self)(key, x))
 
     def apply(self, variables: Variables, x: jax.Array, *, train: bool = False,
-              capture: Sequence[str] | str = (), rngs: dict | None = None):
+              capture: Sequence[str] | str = (), rngs: dict | None = None,
+              intervene: Mapping[str, Callable[[jax.Array], jax.Array]]
+              | None = None):
         """Runs the model; see the module docstring for return values."""
         if isinstance(capture, str):
             capture = (capture,)
         capture = tuple(capture)
+        intervene = dict(intervene or {})
         mutable = ["batch_stats"] if train and "batch_stats" in variables else False
-        if not capture:
+        if not capture and not intervene:
             out = self.module.apply(variables, x, train=train, rngs=rngs,
                                     mutable=mutable)
             if train:
@@ -100,12 +147,16 @@ class Model:
                 return logits, upd.get("batch_stats", {})
             return out
         acts: dict[str, dict[str, jax.Array]] = {}
+        seen: set[str] = set()
         want_all = "*" in capture
 
         def interceptor(next_fun, args, kwargs, context):
             out = next_fun(*args, **kwargs)
             if context.method_name == "__call__" and context.module.path:
                 name = "/".join(context.module.path)
+                if name in intervene:
+                    out = intervene[name](out)
+                    seen.add(name)
                 if want_all or name in capture:
                     acts[name] = {"input": args[0], "output": out}
             return out
@@ -113,15 +164,39 @@ class Model:
         with nn.intercept_methods(interceptor):
             out = self.module.apply(variables, x, train=train, rngs=rngs,
                                     mutable=mutable)
-        missing = [c for c in capture if c != "*" and c not in acts]
+        missing = ([c for c in capture if c != "*" and c not in acts]
+                   + [n for n in intervene if n not in seen])
         if missing:
             raise KeyError(
-                f"capture names {missing} are not layers of model {self.name!r};"
+                f"layer names {missing} are not layers of model {self.name!r};"
                 f" layers: {self.all_layer_names(variables)}")
+        if not capture:
+            if train:
+                logits, upd = out if mutable else (out, {})
+                return logits, upd.get("batch_stats", {})
+            return out
         if train:
             logits, upd = out if mutable else (out, {})
             return logits, acts, upd.get("batch_stats", {})
         return out, acts
+
+    def logits(self, variables: Variables, x: jax.Array, **kw) -> jax.Array:
+        """Inference logits (float32), whatever else ``apply`` could return."""
+        return self.apply(variables, x, **kw).astype(jnp.float32)
+
+    def apply_train(self, variables: Variables, x: jax.Array,
+                    key: jax.Array | None = None, **kw
+                    ) -> tuple[jax.Array, Variables]:
+        """Training-mode forward pass: ``(logits, new_state)``.
+
+        ``new_state`` holds the updated non-parameter collections
+        (``{"batch_stats": ...}`` for BatchNorm models, else ``{}``);
+        ``key`` seeds dropout.
+        """
+        rngs = None if key is None else {"dropout": key}
+        logits, bs = self.apply(variables, x, train=True, rngs=rngs, **kw)
+        return logits, ({"batch_stats": bs} if "batch_stats" in variables
+                        else {})
 
     def layer_names(self, kinds: Sequence[str] | None = None) -> list[str]:
         """Names of the sequential layers (of the given kinds), in order."""
@@ -149,6 +224,11 @@ class Model:
     def predict(self, variables: Variables, x: jax.Array) -> jax.Array:
         """Predicted labels (argmax of the logits)."""
         return jnp.argmax(self.apply(variables, x), axis=-1)
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract_variables(model: "Model") -> Variables:
+    return jax.eval_shape(model.init, jax.random.key(0))
 
 
 @functools.lru_cache(maxsize=None)
@@ -212,4 +292,58 @@ def count_params(variables: Variables) -> int:
         variables.get("params", variables))))
 
 
-ApplyFn = Callable[..., Any]
+def split_variables(variables: Variables, names: Sequence[str]) -> Variables:
+    """The sub-tree of every collection holding the top-level layers
+    ``names`` (collections left empty are dropped)."""
+    out = {}
+    for col, tree in variables.items():
+        sub = {n: tree[n] for n in names if n in tree}
+        if sub:
+            out[col] = sub
+    return out
+
+
+def split_at(model: Model, layer: str, variables: Variables | None = None):
+    """Cuts a sequential model after ``layer``.
+
+    Returns:
+      ``(head, tail)`` models: ``head`` maps the model's input to ``layer``'s
+      output, ``tail`` maps that output to the logits, so
+      ``tail.apply(vt, head.apply(vh, x)) == model.apply(v, x)`` with
+      ``vh, vt = split_variables(v, head_names), ...`` (see
+      :func:`split_variables_at`). An empty tail is the identity.
+
+    Raises:
+      ValueError: the model is not sequential or has no layer ``layer``.
+    """
+    if not model.is_sequential:
+        raise ValueError(f"split_at needs a sequential model; {model.name!r} "
+                         "is not (its layers are named by module path)")
+    names = [s.name for s in model.layers]
+    if layer not in names:
+        raise ValueError(f"no layer {layer!r} in model {model.name!r}; "
+                         f"layers: {names}")
+    i = names.index(layer) + 1
+    head_specs, tail_specs = model.layers[:i], model.layers[i:]
+    shape = (variables if variables is not None
+             else model.abstract_variables())
+    x = jax.ShapeDtypeStruct((1,) + tuple(model.input_shape), jnp.float32)
+    head_mod = layers_lib.Sequential(tuple(head_specs))
+    mid = jax.eval_shape(
+        lambda v, a: head_mod.apply(split_variables(v, names[:i]), a),
+        shape, x)
+    head = Model(f"{model.name}[:{layer}]", head_mod, model.input_shape,
+                 int(mid.shape[-1]), tuple(head_specs))
+    tail = Model(f"{model.name}[{layer}:]",
+                 layers_lib.Sequential(tuple(tail_specs)),
+                 tuple(mid.shape[1:]), model.num_classes, tuple(tail_specs),
+                 model.output_softmax)
+    return head, tail
+
+
+def split_variables_at(model: Model, layer: str, variables: Variables):
+    """``(head_variables, tail_variables)`` of :func:`split_at`."""
+    names = [s.name for s in model.layers]
+    i = names.index(layer) + 1
+    return (split_variables(variables, names[:i]),
+            split_variables(variables, names[i:]))

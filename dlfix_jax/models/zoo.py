@@ -32,38 +32,30 @@ from typing import Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dlfix_jax import registry
 from dlfix_jax.models import base
-from dlfix_jax.models import layers as L
+from dlfix_jax.models import layers as layers_lib
 from dlfix_jax.models.layers import spec
 
-_REGISTRY: dict[str, Callable[..., base.Model]] = {}
-
-
-def register(name: str):
-    def deco(fn):
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} registered twice")
-        _REGISTRY[name] = fn
-        return fn
-    return deco
+MODELS: registry.Registry[Callable[..., base.Model]] = registry.Registry(
+    "model")
+register = MODELS.register
 
 
 def get(name: str, **kwargs) -> base.Model:
     """Builds the registered model ``name`` (kwargs: num_classes, input_shape)."""
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; registered: {sorted(_REGISTRY)}")
-    return _REGISTRY[name](**kwargs)
+    return MODELS.get(name)(**kwargs)
 
 
 def names() -> list[str]:
-    return sorted(_REGISTRY)
+    return MODELS.names()
 
 
 def sequential(name: str, layers, input_shape, num_classes,
                output_softmax=False) -> base.Model:
     layers = tuple(layers)
-    L.check_unique_names(layers)
-    return base.Model(name=name, module=L.Sequential(layers),
+    layers_lib.check_unique_names(layers)
+    return base.Model(name=name, module=layers_lib.Sequential(layers),
                       input_shape=tuple(input_shape), num_classes=num_classes,
                       layers=layers, output_softmax=output_softmax)
 

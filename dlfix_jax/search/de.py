@@ -23,12 +23,12 @@ evaluation a single batched computation.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dlfix_jax import search as _search
+from dlfix_jax.search import base
 
 
 def default_patience(max_generations: int) -> int:
@@ -36,11 +36,65 @@ def default_patience(max_generations: int) -> int:
     return max(10, int(max_generations) // 10)
 
 
+class DEState(NamedTuple):
+    key: jax.Array
+    pop: jax.Array
+    score: jax.Array
+    best_x: jax.Array
+    best_s: jax.Array
+    evaluations: jax.Array
+
+
+def de_strategy(lower, upper, *, cr: float = 0.7,
+                f_range: tuple[float, float] = (0.5, 1.0)) -> base.Strategy:
+    """DE/rand/1/bin as a :class:`~dlfix_jax.search.base.Strategy`."""
+
+    def init(key, pop, score_fn):
+        P, k = pop.shape
+        if P < 4:
+            raise ValueError(f"DE/rand/1 needs a population of at least 4, "
+                             f"got {P}")
+        score = score_fn(pop)
+        b = jnp.argmax(score)
+        return DEState(key, pop, score, pop[b], score[b], jnp.int32(P))
+
+    def step(st, score_fn):
+        P, k = st.pop.shape
+        lo, hi = base.bounds(lower, upper, k)
+
+        def pick_abc(kk, i):
+            r = jax.random.choice(kk, P - 1, (3,), replace=False)
+            return r + (r >= i)
+
+        key, kf, ks, kj, kc = jax.random.split(st.key, 5)
+        f = jax.random.uniform(kf, (), jnp.float32, f_range[0], f_range[1])
+        abc = jax.vmap(pick_abc)(jax.random.split(ks, P), jnp.arange(P))
+        pop = st.pop
+        a, b, c = pop[abc[:, 0]], pop[abc[:, 1]], pop[abc[:, 2]]
+        mutant = jnp.clip(a + f * (b - c), lo, hi)
+        jrand = jax.random.randint(kj, (P,), 0, k)
+        cross = (jax.random.uniform(kc, (P, k)) < cr) | (
+            jnp.arange(k)[None, :] == jrand[:, None])
+        trial = jnp.where(cross, mutant, pop)
+        s_trial = score_fn(trial)
+        better = s_trial >= st.score
+        pop = jnp.where(better[:, None], trial, pop)
+        score = jnp.where(better, s_trial, st.score)
+        i = jnp.argmax(score)
+        improved = score[i] > st.best_s
+        return DEState(key, pop, score,
+                       jnp.where(improved, pop[i], st.best_x),
+                       jnp.where(improved, score[i], st.best_s),
+                       st.evaluations + P)
+
+    return base.Strategy(init, step)
+
+
 def de(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
        init_pop: jax.Array, lower, upper, *, max_generations: int = 100,
        cr: float = 0.7, f_range: tuple[float, float] = (0.5, 1.0),
        patience: int | None = None, maximize: bool = True
-       ) -> "_search.SearchResult":
+       ) -> base.SearchResult:
     """Runs DE/rand/1/bin from ``init_pop``.
 
     Args:
@@ -57,61 +111,9 @@ def de(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
     Returns:
       :class:`~dlfix_jax.search.SearchResult`.
     """
-    init_pop = jnp.asarray(init_pop, jnp.float32)
-    P, k = init_pop.shape
-    if P < 4:
-        raise ValueError(f"DE/rand/1 needs a population of at least 4, got {P}")
-    patience = default_patience(max_generations) if patience is None else int(patience)
-    lo, hi = _search._bounds(lower, upper, k)
-    sign = 1.0 if maximize else -1.0
-    score_fn = jax.vmap(lambda x: sign * fitness_fn(x))
-
-    score0 = score_fn(init_pop)
-    b0 = jnp.argmax(score0)
-    trace0 = jnp.full((max_generations + 1,), jnp.nan, jnp.float32)
-    trace0 = trace0.at[0].set(score0[b0])
-
-    def pick_abc(kk, i):
-        r = jax.random.choice(kk, P - 1, (3,), replace=False)
-        return r + (r >= i)
-
-    def cond(st):
-        return (st["gen"] < max_generations) & (st["stop"] < 0)
-
-    def body(st):
-        key, kf, ks, kj, kc = jax.random.split(st["key"], 5)
-        f = jax.random.uniform(kf, (), jnp.float32, f_range[0], f_range[1])
-        abc = jax.vmap(pick_abc)(jax.random.split(ks, P), jnp.arange(P))
-        pop = st["pop"]
-        a, b, c = pop[abc[:, 0]], pop[abc[:, 1]], pop[abc[:, 2]]
-        mutant = jnp.clip(a + f * (b - c), lo, hi)
-        jrand = jax.random.randint(kj, (P,), 0, k)
-        cross = (jax.random.uniform(kc, (P, k)) < cr) | (
-            jnp.arange(k)[None, :] == jrand[:, None])
-        trial = jnp.where(cross, mutant, pop)
-        s_trial = score_fn(trial)
-        better = s_trial >= st["score"]
-        pop = jnp.where(better[:, None], trial, pop)
-        score = jnp.where(better, s_trial, st["score"])
-        i = jnp.argmax(score)
-        improved = score[i] > st["best_s"]
-        best_s = jnp.where(improved, score[i], st["best_s"])
-        best_x = jnp.where(improved, pop[i], st["best_x"])
-        gen = st["gen"] + 1
-        same = (best_s.astype(jnp.float32) == st["ref"].astype(jnp.float32))
-        unchanged = jnp.where(gen == 1, 0,
-                              jnp.where(same, st["unchanged"] + 1, 0))
-        stop = jnp.where(unchanged > patience, _search.STOP_UNCHANGED, -1)
-        return dict(key=key, pop=pop, score=score, best_s=best_s,
-                    best_x=best_x, ref=best_s, gen=gen, unchanged=unchanged,
-                    trace=st["trace"].at[gen].set(best_s), stop=stop)
-
-    st = dict(key=key, pop=init_pop, score=score0, best_s=score0[b0],
-              best_x=init_pop[b0], ref=score0[b0], gen=jnp.int32(0),
-              unchanged=jnp.int32(0), trace=trace0, stop=jnp.int32(-1))
-    st = jax.lax.while_loop(cond, body, st)
-    stop = jnp.where(st["stop"] < 0, _search.STOP_MAX_GENERATIONS, st["stop"])
-    return _search.SearchResult(
-        best_x=st["best_x"], best_fitness=sign * st["best_s"],
-        generations=st["gen"], trace=sign * st["trace"], stop_reason=stop,
-        evaluations=P * (st["gen"] + 1))
+    patience = (default_patience(max_generations) if patience is None
+                else int(patience))
+    return base.run(de_strategy(lower, upper, cr=cr, f_range=f_range), key,
+                    fitness_fn, init_pop, max_generations=max_generations,
+                    stop=base.stop_unchanged(patience, skip_first=True),
+                    maximize=maximize)

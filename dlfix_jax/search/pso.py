@@ -27,12 +27,12 @@ it exactly in distribution.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from dlfix_jax import search as _search
+from dlfix_jax.search import base
 
 
 def constriction_chi(phi: float = 4.1) -> float:
@@ -51,13 +51,76 @@ def _periodic(x, lo, hi):
     return jnp.where(x > hi, lo + jnp.mod(above, d), x)
 
 
+class PSOState(NamedTuple):
+    key: jax.Array
+    x: jax.Array
+    v: jax.Array
+    pbest_x: jax.Array
+    pbest_s: jax.Array
+    best_x: jax.Array
+    best_s: jax.Array
+    evaluations: jax.Array
+
+
+def global_best_strategy(*, w: float = 0.8, c1: float = 0.41,
+                         c2: float = 0.41, lower=None, upper=None,
+                         bh_strategy: str | None = "periodic",
+                         velocity_clamp: tuple[float, float] | None = None
+                         ) -> base.Strategy:
+    """pyswarms ``GlobalBestPSO`` as a Strategy (module docstring). The
+    initial positions are scored by the first step, as in pyswarms."""
+    if (lower is None) != (upper is None):
+        raise ValueError("give both lower and upper bounds, or neither")
+    if bh_strategy not in ("periodic", "nearest", None):
+        raise ValueError(f"unknown bh_strategy {bh_strategy!r}")
+    bounded = lower is not None and bh_strategy is not None
+    vmin, vmax = (0.0, 1.0) if velocity_clamp is None else velocity_clamp
+
+    def init(key, x0, score_fn):
+        del score_fn
+        P, k = x0.shape
+        key, kv = jax.random.split(key)
+        v0 = (vmax - vmin) * jax.random.uniform(kv, (P, k)) + vmin
+        return PSOState(key, x0, v0, x0,
+                        jnp.full((P,), -jnp.inf, jnp.float32), x0[0],
+                        jnp.float32(-jnp.inf), jnp.int32(0))
+
+    def step(st, score_fn):
+        P, k = st.x.shape
+        x = st.x
+        s = score_fn(x)
+        imp = s > st.pbest_s
+        pbest_x = jnp.where(imp[:, None], x, st.pbest_x)
+        pbest_s = jnp.where(imp, s, st.pbest_s)
+        i = jnp.argmax(pbest_s)
+        better = pbest_s[i] > st.best_s
+        gbest_s = jnp.where(better, pbest_s[i], st.best_s)
+        gbest_x = jnp.where(better, pbest_x[i], st.best_x)
+        key, k1, k2 = jax.random.split(st.key, 3)
+        r1 = jax.random.uniform(k1, (P, k))
+        r2 = jax.random.uniform(k2, (P, k))
+        v = (w * st.v + c1 * r1 * (pbest_x - x)
+             + c2 * r2 * (gbest_x[None, :] - x))
+        if velocity_clamp is not None:
+            v = jnp.clip(v, vmin, vmax)
+        xn = x + v
+        if bounded:
+            lo, hi = base.bounds(lower, upper, k)
+            xn = (_periodic(xn, lo, hi) if bh_strategy == "periodic"
+                  else jnp.clip(xn, lo, hi))
+        return PSOState(key, xn, v, pbest_x, pbest_s, gbest_x, gbest_s,
+                        st.evaluations + P)
+
+    return base.Strategy(init, step)
+
+
 def pso_global_best(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
                     init_pos: jax.Array, *, max_iterations: int = 100,
                     w: float = 0.8, c1: float = 0.41, c2: float = 0.41,
                     lower=None, upper=None, bh_strategy: str | None = "periodic",
                     velocity_clamp: tuple[float, float] | None = None,
                     ftol: float = -jnp.inf, ftol_iter: int = 1,
-                    maximize: bool = True) -> "_search.SearchResult":
+                    maximize: bool = True) -> base.SearchResult:
     """pyswarms-style global-best PSO (defaults: CARE's w=0.8, c1=c2=0.41).
 
     Args:
@@ -73,74 +136,63 @@ def pso_global_best(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array]
       maximize: maximise (True) or minimise.
 
     Returns:
-      :class:`~dlfix_jax.search.SearchResult`.
+      :class:`~dlfix_jax.search.SearchResult` (trace[0] is NaN: pyswarms
+      does not score the initial positions before its first iteration).
     """
-    x0 = jnp.asarray(init_pos, jnp.float32)
-    P, k = x0.shape
-    if (lower is None) != (upper is None):
-        raise ValueError("give both lower and upper bounds, or neither")
-    if bh_strategy not in ("periodic", "nearest", None):
-        raise ValueError(f"unknown bh_strategy {bh_strategy!r}")
-    bounded = lower is not None and bh_strategy is not None
-    if lower is not None:
-        lo, hi = _search._bounds(lower, upper, k)
-    sign = 1.0 if maximize else -1.0
-    score_fn = jax.vmap(lambda x: sign * fitness_fn(x))
+    strategy = global_best_strategy(w=w, c1=c1, c2=c2, lower=lower,
+                                    upper=upper, bh_strategy=bh_strategy,
+                                    velocity_clamp=velocity_clamp)
+    stop = (base.stop_ftol(ftol, ftol_iter) if ftol > -jnp.inf
+            else base.stop_never())
+    return base.run(strategy, key, fitness_fn, init_pos,
+                    max_generations=max_iterations, stop=stop,
+                    maximize=maximize)
 
-    key, kv = jax.random.split(key)
-    vmin, vmax = (0.0, 1.0) if velocity_clamp is None else velocity_clamp
-    v0 = (vmax - vmin) * jax.random.uniform(kv, (P, k)) + vmin
 
-    def cond(st):
-        return (st["it"] < max_iterations) & (st["stop"] < 0)
+def constriction_strategy(*, phi: float = 4.1, v_min: float | None = None,
+                          v_max: float | None = None, lower=None, upper=None,
+                          rho_per_dim: bool = False) -> base.Strategy:
+    """The eAI constriction PSO as a Strategy (module docstring)."""
+    chi = constriction_chi(phi)
 
-    def body(st):
-        x = st["x"]
+    def clamp(v):
+        mag = jnp.abs(v)
+        sgn = jnp.where(v > 0, 1.0, -1.0)
+        if v_min is not None:
+            mag = jnp.maximum(mag, v_min)
+        if v_max is not None:
+            mag = jnp.minimum(mag, v_max)
+        return sgn * mag if (v_min is not None or v_max is not None) else v
+
+    def init(key, x0, score_fn):
+        P, k = x0.shape
+        s0 = score_fn(x0)
+        i0 = jnp.argmax(s0)
+        return PSOState(key, x0, jnp.zeros_like(x0), x0, s0, x0[i0], s0[i0],
+                        jnp.int32(P))
+
+    def step(st, score_fn):
+        P, k = st.x.shape
+        key, k1, k2 = jax.random.split(st.key, 3)
+        x = st.x + st.v
+        if lower is not None:
+            lo, hi = base.bounds(lower, upper, k)
+            x = jnp.clip(x, lo, hi)
+        shape = (P, k) if rho_per_dim else (P, 1)
+        r1 = jax.random.uniform(k1, shape, jnp.float32, 0.0, phi)
+        r2 = jax.random.uniform(k2, shape, jnp.float32, 0.0, phi)
+        g = st.pbest_x[jnp.argmax(st.pbest_s)]
+        v = clamp(chi * (st.v + r1 * (st.pbest_x - x)
+                         + r2 * (g[None, :] - x)))
         s = score_fn(x)
-        imp = s > st["pbest_s"]
-        pbest_x = jnp.where(imp[:, None], x, st["pbest_x"])
-        pbest_s = jnp.where(imp, s, st["pbest_s"])
-        prev = st["gbest_s"]
+        imp = st.pbest_s < s
+        pbest_x = jnp.where(imp[:, None], x, st.pbest_x)
+        pbest_s = jnp.where(imp, s, st.pbest_s)
         i = jnp.argmax(pbest_s)
-        better = pbest_s[i] > prev
-        gbest_s = jnp.where(better, pbest_s[i], prev)
-        gbest_x = jnp.where(better, pbest_x[i], st["gbest_x"])
-        delta = jnp.abs(gbest_s - prev) < ftol * (1.0 + jnp.abs(prev))
-        consec = jnp.where(delta, st["consec"] + 1, 0)
-        it = st["it"] + 1
-        stop = jnp.where((consec >= ftol_iter) & (st["it"] >= ftol_iter),
-                         _search.STOP_FTOL, -1)
-        key, k1, k2 = jax.random.split(st["key"], 3)
-        r1 = jax.random.uniform(k1, (P, k))
-        r2 = jax.random.uniform(k2, (P, k))
-        v = (w * st["v"] + c1 * r1 * (pbest_x - x)
-             + c2 * r2 * (gbest_x[None, :] - x))
-        if velocity_clamp is not None:
-            v = jnp.clip(v, vmin, vmax)
-        xn = x + v
-        if bounded:
-            xn = _periodic(xn, lo, hi) if bh_strategy == "periodic" else \
-                jnp.clip(xn, lo, hi)
-        moved = stop < 0  # pyswarms breaks before moving
-        return dict(key=key, x=jnp.where(moved, xn, x),
-                    v=jnp.where(moved, v, st["v"]), pbest_x=pbest_x,
-                    pbest_s=pbest_s, gbest_x=gbest_x, gbest_s=gbest_s,
-                    consec=consec, it=it, stop=stop,
-                    trace=st["trace"].at[it].set(gbest_s))
+        return PSOState(key, x, v, pbest_x, pbest_s, pbest_x[i], pbest_s[i],
+                        st.evaluations + P)
 
-    trace = jnp.full((max_iterations + 1,), jnp.nan, jnp.float32)
-    st = dict(key=key, x=x0, v=v0, pbest_x=x0,
-              pbest_s=jnp.full((P,), -jnp.inf, jnp.float32),
-              gbest_x=x0[0], gbest_s=jnp.float32(-jnp.inf),
-              consec=jnp.int32(0), it=jnp.int32(0), stop=jnp.int32(-1),
-              trace=trace)
-    st = jax.lax.while_loop(cond, body, st)
-    stop = jnp.where(st["stop"] < 0, _search.STOP_MAX_GENERATIONS, st["stop"])
-    # pyswarms has no initial-population entry; trace[0] stays NaN.
-    return _search.SearchResult(
-        best_x=st["gbest_x"], best_fitness=sign * st["gbest_s"],
-        generations=st["it"], trace=sign * st["trace"], stop_reason=stop,
-        evaluations=P * st["it"])
+    return base.Strategy(init, step)
 
 
 def pso_constriction(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
@@ -148,7 +200,7 @@ def pso_constriction(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array
                      phi: float = 4.1, v_min: float | None = None,
                      v_max: float | None = None, patience: int = 10,
                      lower=None, upper=None, rho_per_dim: bool = False,
-                     maximize: bool = True) -> "_search.SearchResult":
+                     maximize: bool = True) -> base.SearchResult:
     """Constriction PSO of the eAI Arachne / NeuRecover searchers.
 
     Args:
@@ -168,62 +220,9 @@ def pso_constriction(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array
     Returns:
       :class:`~dlfix_jax.search.SearchResult`.
     """
-    x0 = jnp.asarray(init_pos, jnp.float32)
-    P, k = x0.shape
-    chi = constriction_chi(phi)
-    sign = 1.0 if maximize else -1.0
-    score_fn = jax.vmap(lambda x: sign * fitness_fn(x))
-    if lower is not None:
-        lo, hi = _search._bounds(lower, upper, k)
-
-    s0 = score_fn(x0)
-    i0 = jnp.argmax(s0)
-    trace = jnp.full((max_iterations + 1,), jnp.nan, jnp.float32).at[0].set(s0[i0])
-
-    def clamp(v):
-        mag = jnp.abs(v)
-        sgn = jnp.where(v > 0, 1.0, -1.0)
-        if v_min is not None:
-            mag = jnp.maximum(mag, v_min)
-        if v_max is not None:
-            mag = jnp.minimum(mag, v_max)
-        return sgn * mag if (v_min is not None or v_max is not None) else v
-
-    def cond(st):
-        return (st["it"] < max_iterations) & (st["stop"] < 0)
-
-    def body(st):
-        key, k1, k2 = jax.random.split(st["key"], 3)
-        x = st["x"] + st["v"]
-        if lower is not None:
-            x = jnp.clip(x, lo, hi)
-        shape = (P, k) if rho_per_dim else (P, 1)
-        r1 = jax.random.uniform(k1, shape, jnp.float32, 0.0, phi)
-        r2 = jax.random.uniform(k2, shape, jnp.float32, 0.0, phi)
-        g = st["pbest_x"][jnp.argmax(st["pbest_s"])]
-        v = clamp(chi * (st["v"] + r1 * (st["pbest_x"] - x)
-                         + r2 * (g[None, :] - x)))
-        s = score_fn(x)
-        imp = st["pbest_s"] < s
-        pbest_x = jnp.where(imp[:, None], x, st["pbest_x"])
-        pbest_s = jnp.where(imp, s, st["pbest_s"])
-        it = st["it"] + 1
-        trace = st["trace"].at[it].set(jnp.max(pbest_s))
-        # eAI: at 0-based iteration t > patience, stop unless the best of the
-        # last `patience` entries beats the one before them.
-        t = it - 1
-        before = trace[jnp.maximum(it - patience, 0)]
-        stop = jnp.where((t > patience) & ~(trace[it] > before),
-                         _search.STOP_UNCHANGED, -1)
-        return dict(key=key, x=x, v=v, pbest_x=pbest_x, pbest_s=pbest_s,
-                    it=it, trace=trace, stop=stop)
-
-    st = dict(key=key, x=x0, v=jnp.zeros_like(x0), pbest_x=x0, pbest_s=s0,
-              it=jnp.int32(0), trace=trace, stop=jnp.int32(-1))
-    st = jax.lax.while_loop(cond, body, st)
-    i = jnp.argmax(st["pbest_s"])
-    stop = jnp.where(st["stop"] < 0, _search.STOP_MAX_GENERATIONS, st["stop"])
-    return _search.SearchResult(
-        best_x=st["pbest_x"][i], best_fitness=sign * st["pbest_s"][i],
-        generations=st["it"], trace=sign * st["trace"], stop_reason=stop,
-        evaluations=P * (st["it"] + 1))
+    strategy = constriction_strategy(phi=phi, v_min=v_min, v_max=v_max,
+                                     lower=lower, upper=upper,
+                                     rho_per_dim=rho_per_dim)
+    return base.run(strategy, key, fitness_fn, init_pos,
+                    max_generations=max_iterations,
+                    stop=base.stop_window(patience), maximize=maximize)

@@ -104,6 +104,8 @@ import numpy as np
 from absl import logging
 
 import dlfix_jax
+from dlfix_jax import fileio
+from dlfix_jax.fixers import base as fixers_base
 from dlfix_jax.metrics import timing
 from dlfix_jax.study import store as store_lib
 
@@ -197,65 +199,17 @@ def _ensembles_for(config, approach: str, combos: list[str]) -> list[str]:
 
 
 def fixer_config(spec, overrides) -> ml_collections.ConfigDict:
-    """The fixer's default config updated with the study's overrides.
-
-    Raises:
-      KeyError: an override names a key the fixer's default config lacks
-        (a typo would otherwise silently run the default).
-    """
-    cfg = spec.default_config()
-    if overrides:
-        ov = overrides.to_dict() if hasattr(overrides, "to_dict") else dict(
-            overrides)
-        _check_keys(cfg, ov, spec.name)
-        cfg.update_from_flattened_dict(_flatten(ov))
-    return cfg
+    """The fixer's config with the study's overrides (the one override rule:
+    :func:`dlfix_jax.fixers.base.fixer_config`)."""
+    from dlfix_jax.fixers import base as fixers_base
+    return fixers_base.fixer_config(spec, overrides)
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
-def _check_keys(cfg, ov: dict, name: str, prefix: str = "") -> None:
-    for k, v in ov.items():
-        if k not in cfg:
-            raise KeyError(f"study config overrides {prefix}{k!r} of fixer "
-                           f"{name!r}, which has no such key; its keys: "
-                           f"{sorted(cfg.keys())}")
-        if isinstance(v, dict):
-            _check_keys(cfg[k], v, name, f"{prefix}{k}.")
-
-
-def info_summary(info: Any, max_list: int = 64) -> Any:
-    """A JSON-safe, size-bounded summary of ``FixResult.info``: arrays with
-    more than ``max_list`` elements become {shape, dtype, min, max, mean}."""
-    if isinstance(info, dict):
-        return {str(k): info_summary(v, max_list) for k, v in info.items()}
-    if isinstance(info, (list, tuple)):
-        if len(info) > max_list:
-            return {"len": len(info), "head": info_summary(
-                list(info[:8]), max_list)}
-        return [info_summary(v, max_list) for v in info]
-    if hasattr(info, "shape") and hasattr(info, "dtype"):
-        try:
-            a = np.asarray(info)
-        except Exception:  # noqa: BLE001 - typed PRNG keys and the like
-            return str(info)
-        if a.size > max_list:
-            out = {"shape": list(a.shape), "dtype": str(a.dtype)}
-            if a.dtype.kind in "biuf" and a.size:
-                f = a.astype(np.float64)
-                out.update(min=float(np.nanmin(f)), max=float(np.nanmax(f)),
-                           mean=float(np.nanmean(f)))
-            return out
-        return store_lib.json_safe(a)
-    return store_lib.json_safe(info)
+def info_summary(info: Any, max_list: int = 64, spec=None) -> Any:
+    """A JSON-safe, size-bounded summary of ``FixResult.info``
+    (:func:`dlfix_jax.fixers.base.summarize_info`)."""
+    from dlfix_jax.fixers import base as fixers_base
+    return fixers_base.summarize_info(spec, info, max_list)
 
 
 def _index(tree, i: int):
@@ -415,7 +369,7 @@ def check_corrupted(model, fixed_list: Sequence[dict], dataset,
                     margin: float, batch_size: int) -> list[str | None]:
     """Per fixed model: None, or why it is corrupted (non-finite parameters
     or test logits, or accuracy <= 100/num_classes + margin)."""
-    from dlfix_jax.study import seeds as seeds_lib
+    from dlfix_jax import seed_axis as seeds_lib
     x, y = _split_arrays(dataset.test)
     chance = 100.0 / dataset.num_classes
     out = []
@@ -445,7 +399,7 @@ def evaluate_fixed(key, model, variables, fixed_list, dataset, pair_cfg,
     for all of them); returns one metrics dict per model. ``asr=False`` (used
     for corrupted models) skips PGD whatever the pair's config says."""
     from dlfix_jax.metrics import evaluate as evaluate_lib
-    from dlfix_jax.study import seeds as seeds_lib
+    from dlfix_jax import seed_axis as seeds_lib
     stacked = seeds_lib.stack_variables(fixed_list)
     acfg = pair_cfg.asr
     res = evaluate_lib.evaluate_models(
@@ -530,7 +484,7 @@ def evaluate_ensembles(key, model, variables, fixed_list, dataset,
     from dlfix_jax import ensembles
     from dlfix_jax.metrics import classification as cls
     from dlfix_jax.metrics import fairness, pgd
-    from dlfix_jax.study import seeds as seeds_lib
+    from dlfix_jax import seed_axis as seeds_lib
     x = np.asarray(dataset.test.x, np.float32)
     y = np.asarray(dataset.test.y, np.int32)
     ux = np.asarray(dataset.valid.x, np.float32)
@@ -603,7 +557,7 @@ def _base_record(pair_ds, pair_model, spec, seed, status, reason, cfg,
             "abbrev": spec.abbrev or spec.name, "seed": int(seed),
             "status": status, "reason": reason,
             "metrics": {k: None for k in METRIC_KEYS},
-            "fixer_config": store_lib.json_safe(cfg) if cfg is not None
+            "fixer_config": fileio.json_safe(cfg) if cfg is not None
             else None,
             "info": {}, "version": dlfix_jax.__version__, "git_rev": git_rev(),
             "started": started, "finished": None}
@@ -639,7 +593,7 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
         raise ValueError(f"fix_strategy must be auto, vmap or sequential, "
                          f"got {strategy!r}")
     checkpoint.atomic_write_json(os.path.join(workdir, "config.json"),
-                                 store_lib.json_safe(config.to_dict()))
+                                 fileio.json_safe(config.to_dict()))
     root = jax.random.key(int(config.seed))
     keys = seed_keys(config, S)
 
@@ -712,7 +666,7 @@ def _load_pair(pcfg, workdir, data_lib, train_lib, checkpoint, fixers):
     logging.info("base model %s: %s (test accuracy %.4f)", base_dir,
                  "loaded" if res.loaded else "trained",
                  res.metrics["test_accuracy"])
-    target = jax.eval_shape(res.model.init, jax.random.key(0))
+    target = res.model.abstract_variables()
     history = None
     if checkpoint.history_epochs(base_dir):
         history = checkpoint.load_history(base_dir, target=target)
@@ -732,7 +686,8 @@ def _run_approach(spec, model, variables, dataset, problem, pcfg, config,
     cfg = fixer_config(spec, overrides)
     recs = [_base_record(ds_name, m_name, spec, s, "ok", None, cfg, started)
             for s in range(S)]
-    reason = spec.applicable(model, dataset)
+    reason = spec.applicable(fixers_base.problem_info(
+        model, dataset, len(problem.history) if problem.history else 0))
     if reason:
         for r in recs:
             r.update(status="unadaptable", reason=str(reason),
@@ -768,7 +723,7 @@ def _run_approach(spec, model, variables, dataset, problem, pcfg, config,
         r["metrics"].update(time_s=out["time_s"],
                             time_compile_s=out["time_compile_s"],
                             time_execute_s=out["time_execute_s"])
-        r["info"] = info_summary(out["info"])
+        r["info"] = info_summary(out["info"], spec=spec)
         r["execution"] = {"mode": mode, "seeds_in_call": S if mode == "vmap"
                           else 1}
         if "batch_time_s" in out:

@@ -51,15 +51,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import os
 from typing import Any, Iterable, Iterator
+
+from dlfix_jax import fileio
 
 FILENAME = "results.jsonl"
 LOCKNAME = "results.lock"
 STATUSES = ("ok", "unadaptable", "failure", "corrupted")
 
 log = logging.getLogger(__name__)
+json_safe = fileio.json_safe
 
 
 def make_key(dataset: str, model: str, approach: str, seed: int) -> str:
@@ -69,34 +71,6 @@ def make_key(dataset: str, model: str, approach: str, seed: int) -> str:
         if not part or "/" in str(part):
             raise ValueError(f"{what} {part!r} must be non-empty without '/'")
     return f"{dataset}/{model}/{approach}/{int(seed)}"
-
-
-def json_safe(obj: Any) -> Any:
-    """A JSON-serialisable copy of ``obj``.
-
-    numpy/jax scalars and arrays become Python numbers/lists, tuples become
-    lists, non-finite floats become None, other objects their ``str``.
-    """
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, int):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "to_dict") and callable(obj.to_dict):  # ConfigDict
-        return json_safe(obj.to_dict())
-    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy / jax arrays
-        try:
-            return json_safe(obj.tolist())
-        except Exception:  # noqa: BLE001 - e.g. a typed PRNG key array
-            return str(obj)
-    if hasattr(obj, "item"):
-        return json_safe(obj.item())
-    return str(obj)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -25,7 +25,8 @@ Batches: each epoch is one permutation of the training set cut into batches
 of ``config.train.batch_size``; the last partial batch is filled up with
 the first examples of the same permutation, so every example is seen at
 least once per epoch and every batch has the same shape (one compile).
-Steps are jitted one by one (a ``lax.scan`` over steps was ~8x slower for
+Steps are the shared loop's (:mod:`dlfix_jax.training.loop`), jitted one by one (a
+``lax.scan`` over steps was ~8x slower for
 VGG16 on XLA:CPU); ``config.train.steps_per_call`` steps are dispatched
 between host-side loss checks.
 
@@ -57,10 +58,14 @@ from absl import logging
 
 from dlfix_jax import data as data_lib
 from dlfix_jax import models
+from dlfix_jax import predict as predict_lib
+from dlfix_jax import rng
+from dlfix_jax.data import source as source_lib
 from dlfix_jax.training import checkpoint
+from dlfix_jax.training import loop
 
-# Named PRNG streams: fold_in(root, id). Adding a stream never shifts others.
-INIT, SHUFFLE, DROPOUT = 0, 1, 2
+# Named PRNG streams: fold_in(root, id) (dlfix_jax.rng).
+INIT, SHUFFLE, DROPOUT = rng.INIT, rng.SHUFFLE, rng.DROPOUT
 
 
 @dataclasses.dataclass
@@ -136,124 +141,35 @@ def make_optimizer(train_cfg, steps_per_epoch: int
     return tx
 
 
-def _cross_entropy(logits, labels):
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+@functools.lru_cache(maxsize=64)
+def _cached_optimizer(cfg_json: str, steps_per_epoch: int
+                      ) -> optax.GradientTransformation:
+    """One optimizer object per (config, steps per epoch), so the training
+    step (``loop.make_step``, cached on it) compiles once per config."""
+    return make_optimizer(ml_collections.ConfigDict(json.loads(cfg_json)),
+                          steps_per_epoch)
 
 
-def make_train_chunk(model: models.Model, tx: optax.GradientTransformation):
-    """A function running ``k`` training steps, each one jitted call.
-
-    ``chunk(state, xs, ys, steps, dropout_key) -> (state, (loss, correct))``
-    with ``xs`` (k, B, H, W, C), ``ys`` (k, B), ``steps`` (k,) global step
-    numbers (for the dropout keys) and ``state = (params, batch_stats,
-    opt_state)``; ``loss`` and ``correct`` are (k,) arrays.
-
-    The steps are dispatched from Python rather than folded into one
-    ``lax.scan``: on XLA:CPU a VGG16 step inside a scan (while loop) ran ~8x
-    slower than the same step jitted on its own (measured: 34 s vs 4 s CPU
-    at batch 32), and one step per call compiles once for any ``k``.
-    """
-
-    def step(dropout_key, state, x, y, step_no):
-        params, batch_stats, opt_state = state
-
-        def loss_fn(p):
-            variables = {"params": p}
-            if batch_stats:
-                variables["batch_stats"] = batch_stats
-            logits, new_stats = model.apply(
-                variables, x, train=True,
-                rngs={"dropout": jax.random.fold_in(dropout_key, step_no)})
-            return jnp.mean(_cross_entropy(logits, y)), (logits, new_stats)
-
-        (loss, (logits, new_stats)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        correct = jnp.sum(jnp.argmax(logits, -1) == y)
-        return (params, new_stats if batch_stats else batch_stats,
-                opt_state), (loss, correct)
-
-    step_fn = jax.jit(step)
-
-    def chunk(state, xs, ys, steps, dropout_key):
-        losses, corrects = [], []
-        for i in range(len(steps)):
-            state, (loss, correct) = step_fn(dropout_key, state, xs[i], ys[i],
-                                             np.int32(steps[i]))
-            losses.append(loss)
-            corrects.append(correct)
-        return state, (jnp.stack(losses), jnp.stack(corrects))
-
-    return chunk
-
-
-def _model_key(model: models.Model) -> tuple:
-    """A hashable key of a model's structure (Model objects compare by
-    identity, and every ``models.get`` builds a new one)."""
-    return (model.name, model.num_classes, tuple(model.input_shape),
-            repr(model.module))
-
-
-_PREDICT_FNS: dict = {}
-
-
-def _predict_fn(model: models.Model):
-    key = _model_key(model)
-    if key not in _PREDICT_FNS:
-        _PREDICT_FNS[key] = jax.jit(
-            lambda v, x: jnp.argmax(model.apply(v, x), -1))
-    return _PREDICT_FNS[key]
-
-
-_CHUNK_FNS: dict = {}
-
-
-def _cached_train_chunk(model, train_cfg, steps_per_epoch: int):
-    """``make_train_chunk`` for the model and optimizer config, reused
-    across calls so a second run of the same config does not recompile."""
-    key = (_model_key(model), json.dumps(config_to_dict(train_cfg),
-                                         sort_keys=True), steps_per_epoch)
-    if key not in _CHUNK_FNS:
-        tx = make_optimizer(train_cfg, steps_per_epoch)
-        _CHUNK_FNS[key] = (tx, make_train_chunk(model, tx))
-    return _CHUNK_FNS[key]
+def train_step(model: models.Model, train_cfg, steps_per_epoch: int):
+    """``(tx, step)`` of a training config: the shared loop's cross-entropy
+    step (:func:`dlfix_jax.training.loop.make_step`), cached."""
+    tx = _cached_optimizer(json.dumps(config_to_dict(train_cfg),
+                                      sort_keys=True), steps_per_epoch)
+    return tx, loop.make_step(loop.xent(model), tx)
 
 
 def predict(model: models.Model, variables: dict, x: np.ndarray,
             batch_size: int = 1000) -> np.ndarray:
-    """Predicted labels for ``x`` in batches of a fixed size (the last batch
-    is zero-padded so only one shape is compiled)."""
-    fn = _predict_fn(model)
-    n = len(x)
-    out = np.empty((n,), np.int32)
-    batch_size = max(1, min(batch_size, n))
-    for start in range(0, n, batch_size):
-        xb = np.asarray(x[start:start + batch_size], np.float32)
-        m = len(xb)
-        if m < batch_size:
-            xb = np.concatenate(
-                [xb, np.zeros((batch_size - m,) + xb.shape[1:], xb.dtype)])
-        out[start:start + m] = np.asarray(fn(variables, xb))[:m]
-    return out
+    """Predicted labels (:func:`dlfix_jax.predict.predict`)."""
+    return predict_lib.predict(model, variables, x, batch_size)
 
 
 def accuracy(model, variables, split, batch_size=1000) -> float:
     """Fraction of ``split`` classified correctly."""
-    if len(split) == 0:
-        return float("nan")
-    return float(np.mean(predict(model, variables, split.x, batch_size)
-                         == np.asarray(split.y)))
+    return predict_lib.accuracy(model, variables, split, batch_size)
 
 
-def epoch_batches(key: jax.Array, n: int, batch_size: int) -> np.ndarray:
-    """(steps, batch_size) example indices of one epoch (see module doc)."""
-    perm = np.asarray(jax.random.permutation(key, n))
-    steps = math.ceil(n / batch_size)
-    pad = steps * batch_size - n
-    if pad:
-        perm = np.concatenate([perm, np.resize(perm, pad)])
-    return perm.reshape(steps, batch_size)
+epoch_batches = source_lib.epoch_indices
 
 
 def _completed(workdir: str) -> dict | None:
@@ -287,7 +203,7 @@ def train_and_evaluate(config, workdir: str, *, force: bool = False,
       config: a ConfigDict as returned by an ``experiments/configs`` file
         (keys: seed, dataset.{name, data_dir, seed}, model.name,
         train.{epochs, batch_size, learning_rate, optimizer, ...},
-        eval_batch_size, log_every_steps).
+        eval_batch_size).
       workdir: output directory (created).
       force: retrain even when ``workdir`` holds a completed run (its
         checkpoints are removed first).
@@ -312,7 +228,7 @@ def train_and_evaluate(config, workdir: str, *, force: bool = False,
                 f"config ({'; '.join(_diff(done.get('config', {}), cfg_dict))}"
                 f"); use another workdir or force=True (--force)")
         model = checkpoint.model_from_workdir(workdir)
-        target = jax.eval_shape(model.init, jax.random.key(0))
+        target = model.abstract_variables()
         variables = checkpoint.load_variables(
             os.path.join(workdir, checkpoint.VARIABLES_FILE), target)
         logging.info("loaded completed run from %s (test accuracy %.4f)",
@@ -340,86 +256,60 @@ def train_and_evaluate(config, workdir: str, *, force: bool = False,
     model = models.get(config.model.name, num_classes=ds.num_classes,
                        input_shape=ds.input_shape)
 
-    root = jax.random.key(config.seed)
-    variables = model.init(jax.random.fold_in(root, INIT))
+    root = rng.root(config.seed)
+    variables = model.init(rng.stream(root, rng.INIT))
     logging.info("model %s: %s parameters", model.name,
                  f"{models.count_params(variables):,}")
     tcfg = config.train
     batch_size = int(tcfg.batch_size)
     n_train = len(ds.train)
     steps_per_epoch = math.ceil(n_train / batch_size)
-    tx, chunk_fn = _cached_train_chunk(model, tcfg, steps_per_epoch)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    state = (params, batch_stats, tx.init(params))
+    tx, step_fn = train_step(model, tcfg, steps_per_epoch)
+    state = loop.init_state(variables, tx)
     per_call = max(1, int(tcfg.get("steps_per_call", 50) or 50))
     eval_bs = int(config.get("eval_batch_size", 1000))
-    log_every = int(config.get("log_every_steps", 100) or 0)
-    shuffle_key = jax.random.fold_in(root, SHUFFLE)
-    dropout_key = jax.random.fold_in(root, DROPOUT)
-    x_train, y_train = ds.train.x, np.asarray(ds.train.y, np.int32)
-
-    def current(st):
-        v = {"params": st[0]}
-        if st[1]:
-            v["batch_stats"] = st[1]
-        return v
+    shuffle_key = rng.stream(root, rng.SHUFFLE)
+    dropout_key = rng.stream(root, rng.DROPOUT)
+    train_src = source_lib.Source(ds.train, "train")
+    epochs = int(tcfg.epochs)
 
     manager = checkpoint.history_manager(workdir)
     history = []
-    step = 0
     train_time = 0.0
     try:
-        for epoch in range(1, int(tcfg.epochs) + 1):
-            idx = epoch_batches(jax.random.fold_in(shuffle_key, epoch),
-                                n_train, batch_size)
+        for epoch in range(1, epochs + 1):
             t0 = time.time()
-            loss_sum, correct_sum, seen = 0.0, 0, 0
-            for s0 in range(0, len(idx), per_call):
-                bidx = idx[s0:s0 + per_call]
-                k = len(bidx)
-                xs = np.asarray(x_train[bidx.reshape(-1)], np.float32)
-                xs = xs.reshape((k, batch_size) + xs.shape[1:])
-                ys = y_train[bidx]
-                steps = np.arange(step, step + k, dtype=np.int32)
-                state, (losses, correct) = chunk_fn(state, xs, ys, steps,
-                                                    dropout_key)
-                losses = np.asarray(losses)
-                if not np.all(np.isfinite(losses)):
-                    raise FloatingPointError(
-                        f"non-finite training loss at steps {step}..."
-                        f"{step + k - 1} of epoch {epoch}")
-                loss_sum += float(losses.sum())
-                correct_sum += int(np.asarray(correct).sum())
-                seen += k * batch_size
-                prev, step = step, step + k
-                if log_every and step // log_every > prev // log_every:
-                    logging.info(
-                        "epoch %d step %d: loss %.4f, %.0f examples/s",
-                        epoch, step, float(losses[-1]),
-                        seen / max(time.time() - t0, 1e-9))
+            res = loop.fit(
+                dropout_key, None,
+                train_src.epoch(jax.random.fold_in(shuffle_key, epoch),
+                                batch_size),
+                step_fn=step_fn, state=state, num_steps=steps_per_epoch,
+                check_every=per_call, desc=f"epoch {epoch}/{epochs}")
+            state = res.state
             jax.block_until_ready(state)
             dt = time.time() - t0
             train_time += dt
-            epoch_vars = current(state)
+            epoch_vars = state.variables
             checkpoint.save_epoch(manager, epoch, epoch_vars)
             valid_acc = accuracy(model, epoch_vars, ds.valid, eval_bs)
-            rec = {"epoch": epoch, "step": step,
-                   "loss": loss_sum / len(idx),
-                   "train_batch_accuracy": correct_sum / seen,
+            seen = steps_per_epoch * batch_size
+            rec = {"epoch": epoch, "step": int(state.step),
+                   "loss": res.totals["loss"] / steps_per_epoch,
+                   "train_batch_accuracy": res.totals["correct"] / seen,
                    "valid_accuracy": valid_acc,
                    "examples_per_s": seen / dt, "epoch_time_s": dt}
             history.append(rec)
             logging.info(
                 "epoch %d/%d: loss %.4f, train(batch) acc %.4f, valid acc "
-                "%.4f, %.0f examples/s, %.1fs", epoch, int(tcfg.epochs),
+                "%.4f, %.0f examples/s, %.1fs", epoch, epochs,
                 rec["loss"], rec["train_batch_accuracy"], valid_acc,
                 rec["examples_per_s"], dt)
         manager.wait_until_finished()
     finally:
         manager.close()
 
-    variables = current(state)
+    variables = state.variables
+    step = int(state.step)
     checkpoint.save_variables(
         os.path.join(workdir, checkpoint.VARIABLES_FILE), variables)
     acc = {name: accuracy(model, variables, split, eval_bs)

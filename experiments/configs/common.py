@@ -42,5 +42,4 @@ def base(dataset: str, model: str, *, epochs: int, batch_size: int = 128,
     c.train.steps_per_call = 50  # steps dispatched between loss checks
 
     c.eval_batch_size = eval_batch_size
-    c.log_every_steps = 100
     return c

@@ -12,19 +12,11 @@ accuracy). Every fixer registered in ``dlfix_jax.fixers`` at run time runs
 with 3 seeds (``approaches = "all"``; or e.g.
 ``--config.approaches=arachne,ra``).
 
-Budgets. The fixers run their *algorithms* unchanged; only the size
-knobs below are reduced from the paper's so that the whole study takes at
-most ~10 minutes on 2 CPU cores (``make study``). Each value is a
-documented knob of the fixer's default config; anything not listed runs at
-the fixer's default (= paper) value:
-
-* Apricot: K = 5 reduced models (paper 20), 10 epochs each (paper 60) on
-  ≤ 1,000 images per class (digits has ~120), at most 3 passes over the
-  failing inputs with 0.25 epoch of retraining per batch and patience 10.
-* Arachne: population 100 as in the paper, at most 30 generations (paper
-  100), early stop as in the paper.
-* RA: as the fixer's defaults (one LP on the last Dense layer; the LP is
-  small on 200 repair images).
+Budgets. The fixers run their *algorithms* unchanged; only size knobs are
+reduced from the paper's so that the whole study takes at most ~10 minutes
+on 2 CPU cores (``make study``). The overrides and why each was chosen are in
+``experiments/configs/budgets.py`` (``digits()``); anything not listed runs
+at the fixer's default (= paper) value.
 
 ASR: PGD with the study's settings (40 steps, step ε/30, random start) on
 200 samples (the digits' test split has only 200 images, so the sample is
@@ -45,47 +37,10 @@ A fix is a "failure" past ``time_budget_s`` = 240 s per run (see
 """
 
 import ml_collections
-from ml_collections import config_dict
 
+from experiments.configs import budgets
 from experiments.configs import digits_lenet5
-
-
-def asr_config(n_samples: int = 500) -> ml_collections.ConfigDict:
-    """PGD-ASR settings of one (dataset, model) pair."""
-    a = ml_collections.ConfigDict()
-    a.enabled = True
-    a.eps = config_dict.placeholder(float)  # None: the dataset's ε (pgd.EPSILONS)
-    a.n_samples = n_samples
-    a.softmax = config_dict.placeholder(bool)  # None: model.output_softmax
-    return a
-
-
-def base_study(name: str) -> ml_collections.ConfigDict:
-    """Every key the runner reads, with defaults; study files fill them."""
-    c = ml_collections.ConfigDict()
-    c.name = name
-    c.seed = 0  # root of the fixing and evaluation keys
-    c.num_seeds = 3
-    c.approaches = "all"  # "all" (registered at run time) or "a,b,c"
-    c.pairs = ml_collections.ConfigDict()
-    c.fixers = ml_collections.ConfigDict()  # per-fixer config overrides
-    c.time_budget_s = 0.0  # per fixing run; 0 = no budget
-    c.corrupt_margin = 5.0  # corrupted if acc <= 100/num_classes + margin
-    c.fix_strategy = "auto"  # auto (vmap when the fixer allows) | sequential
-    c.eval_strategy = "auto"  # seed strategy of evaluation (study.seeds)
-    c.eval_batch_size = 256
-    c.ensembles = ""  # "" or a comma list of NO,SV,HV,UP,UD,US
-    c.ensemble_approaches = "all"  # "all" or a comma list of approaches
-    return c
-
-
-def fixer_budgets() -> ml_collections.ConfigDict:
-    f = ml_collections.ConfigDict()
-    f.apricot = ml_collections.ConfigDict(dict(
-        num_rdlms=5, rdlm_epochs=10, max_passes=3, retrain_epochs=0.25,
-        patience=10))
-    f.arachne = ml_collections.ConfigDict(dict(max_generations=30))
-    return f
+from experiments.configs.study_common import asr_config, base_study
 
 
 def get_config():
@@ -95,7 +50,8 @@ def get_config():
     pair.asr = asr_config(n_samples=200)
     pair.asr.eps = 0.08  # = pgd.EPSILONS["digits"]; see the module docstring
     c.pairs.digits_lenet5 = pair
-    c.fixers = fixer_budgets()
+    c.fixers = ml_collections.ConfigDict(
+        {k: ml_collections.ConfigDict(v) for k, v in budgets.digits().items()})
     c.time_budget_s = 240.0
     # The discussion figure: every post-processing combination of the
     # original with Apricot's fixed models (the paper's figure is Apricot on

@@ -18,7 +18,7 @@ post-processing combinations of the discussion are off by default
 """
 
 from experiments.configs import mnist_lenet5
-from experiments.configs.study_digits import asr_config, base_study
+from experiments.configs.study_common import asr_config, base_study
 
 import ml_collections
 

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlfix_jax import predict as predict_lib
+
 STRATEGIES = ("sequential", "vmap", "lax_map", "auto")
 
 # (backend, task) -> strategy chosen by "auto"; measured with
@@ -169,36 +171,16 @@ def map_seeds(fn: Callable, stacked: Any, *args, strategy: str = "auto",
 
 
 # ---------------------------------------------------------------------------
-# Batched prediction of a stack of models.
+# Batched prediction of a stack of models (per-model kernels: predict.py).
 
-
-@functools.lru_cache(maxsize=64)
-def _logits_fn(model) -> Callable:
-    def logits(variables, x):
-        return model.apply(variables, x).astype(jnp.float32)
-    return logits
-
-
-@functools.lru_cache(maxsize=64)
-def _labels_fn(model) -> Callable:
-    def labels(variables, x):
-        z = model.apply(variables, x)
-        finite = jnp.all(jnp.isfinite(z), axis=-1)
-        return jnp.argmax(z, axis=-1).astype(jnp.int32), finite
-    return labels
+_logits_fn = predict_lib.model_logits
+_labels_fn = predict_lib.model_labels
+pad = predict_lib.pad
 
 
 def _batches(n: int, batch_size: int):
     for start in range(0, n, batch_size):
         yield start, min(start + batch_size, n)
-
-
-def _pad(xb: np.ndarray, batch_size: int) -> np.ndarray:
-    """Pads the last batch to ``batch_size`` rows (one compiled shape)."""
-    if len(xb) == batch_size:
-        return xb
-    pad = np.zeros((batch_size - len(xb),) + xb.shape[1:], xb.dtype)
-    return np.concatenate([np.asarray(xb), pad])
 
 
 def map_batches(fn: Callable, model_fn_stacked: Any, x, *, batch_size: int,
@@ -214,7 +196,7 @@ def map_batches(fn: Callable, model_fn_stacked: Any, x, *, batch_size: int,
     model_fn_stacked = to_device(model_fn_stacked)
     outs = []
     for start, stop in _batches(n, batch_size):
-        xb = jnp.asarray(_pad(x[start:stop], batch_size))
+        xb = jnp.asarray(pad(x[start:stop], batch_size))
         out = mapper(model_fn_stacked, xb)
         outs.append(jax.tree_util.tree_map(
             lambda a, k=stop - start: np.asarray(a[:, :k]), out))
@@ -243,8 +225,7 @@ def predict_stack(model, stacked_vars, x, batch_size: int = 256,
 
 def predict(model, variables, x, batch_size: int = 256) -> np.ndarray:
     """Predicted labels of one (unstacked) model: (N,) int32."""
-    stacked = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], variables)
-    return predict_stack(model, stacked, x, batch_size, "sequential")[0]
+    return predict_lib.predict(model, variables, x, batch_size)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,160 @@
+"""Linear (and mixed-integer) programs over one layer's parameter change.
+
+Shared by the layer-level fixers (RA, 3M):
+
+* :func:`decoupled_map` — PRDNN's decoupled network around layer ℓ of a
+  sequential piecewise-linear model: the activation pattern is frozen at the
+  original network's values on each point, so the logits are affine in the
+  change Δ of layer ℓ's parameters (exactly, computed with ``jax.jvp``);
+* :func:`delta_jacobian` — the (points, classes, |Δ|) Jacobian of that map
+  in batches (``jax.jacrev``, exact since the map is linear), with Δ
+  flattened by ``jax.flatten_util.ravel_pytree``;
+* :func:`margin_rows` — rows ``M, r`` of ``M·Δ ≥ r`` asking that the
+  correct class beat every other by a margin on every point;
+* :func:`solve_lp` — minimise ‖Δ‖₁ or ‖Δ‖∞ subject to those rows with HiGHS
+  (``scipy.optimize.linprog``);
+* :func:`solve_milp` — ``scipy.optimize.milp`` (HiGHS branch and bound)
+  for problems with integer variables (3M's ReLU encodings);
+* :data:`LP_STATUS` — names of scipy's status codes (``info`` holds codes).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+import scipy.sparse
+from jax.flatten_util import ravel_pytree
+
+from dlfix_jax.models import base as models_base
+from dlfix_jax.models import layers as layers_lib
+
+LP_STATUS = ("optimal", "iteration or time limit", "infeasible", "unbounded",
+             "numerical difficulties")
+"""scipy ``linprog``/``milp`` status codes 0-4 (HiGHS)."""
+
+
+def decoupled_map(model, layer_index: int):
+    """Builds the decoupled network's pieces for layer ``layer_index``.
+
+    Returns ``(layer_in, lin)`` where ``layer_in(variables, x)`` is the
+    (unchanged) input of the layer and ``lin(variables, a, delta)`` is the
+    change of the logits of one point with layer input ``a`` (no batch axis)
+    when the layer's parameters change by ``delta`` ({"kernel": ...,
+    "bias": ...}), under the original network's activation pattern at that
+    point. ``lin`` is linear in ``delta``. The variables are arguments, so
+    one compilation serves every model of the architecture.
+    """
+    specs = model.layers
+    s = specs[layer_index]
+    name = s.name
+    layer_mod = layers_lib.Sequential((s,))
+    tail_specs = tuple(specs[layer_index + 1:])
+    tail_mod = layers_lib.Sequential(tail_specs)
+    tail_names = [t.name for t in tail_specs]
+
+    def layer_in(variables, x):
+        _, acts = model.apply(variables, x, capture=(name,))
+        return acts[name]["input"]
+
+    def lin(variables, a, delta):
+        tail_vars = models_base.split_variables(variables, tail_names)
+        layer_vars = models_base.split_variables(variables, [name])
+
+        def tail(z):
+            if not tail_specs:
+                return z
+            return tail_mod.apply(tail_vars, z, train=False)
+
+        a = a[None]
+        z0 = layer_mod.apply(layer_vars, a, train=False)
+        dz = layer_mod.apply({"params": {name: delta}}, a, train=False)
+        # dz is linear in delta (kernel and bias both enter linearly); the
+        # tail's JVP at the original z0 applies the frozen activation pattern.
+        _, dlogits = jax.jvp(tail, (z0,), (dz,))
+        return dlogits[0]
+
+    return layer_in, lin
+
+
+@functools.lru_cache(maxsize=None)
+def delta_jacobian_fns(model, layer_index: int):
+    """``(in_fn, jac_fn, unravel, nv)`` for layer ``layer_index``, cached per
+    architecture: ``in_fn(variables, x)`` the layer inputs of a batch,
+    ``jac_fn(variables, a, zero)`` the (B, C, nv) Jacobian of the logit
+    change w.r.t. the flat Δ, ``unravel(flat)`` the Δ dict, ``nv = |Δ|``."""
+    name = model.layers[layer_index].name
+    lparams = models_base.get_layer_params(
+        model.abstract_variables()["params"], name)
+    delta0 = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype),
+                                    dict(lparams))
+    flat0, unravel = ravel_pytree(delta0)
+    layer_in, lin = decoupled_map(model, layer_index)
+
+    def lin_flat(variables, a, flat):
+        return lin(variables, a, unravel(flat))
+
+    jac_fn = jax.jit(jax.vmap(jax.jacrev(lin_flat, argnums=2),
+                              in_axes=(None, 0, None)))
+    return jax.jit(layer_in), jac_fn, unravel, int(flat0.size)
+
+
+def margin_rows(jac, logits, y, margin, num_classes):
+    """Rows M, rhs r of M·Δ ≥ r for every (point, class j ≠ y):
+    ``logit_y(Δ) − logit_j(Δ) ≥ margin``."""
+    rows, rhs = [], []
+    for j in range(num_classes):
+        keep = y != j
+        if not np.any(keep):
+            continue
+        idx = np.nonzero(keep)[0]
+        m = jac[idx, y[idx], :] - jac[idx, j, :]
+        rows.append(m)
+        rhs.append(margin - (logits[idx, y[idx]] - logits[idx, j]))
+    return np.concatenate(rows), np.concatenate(rhs)
+
+
+def solve_lp(m, r: np.ndarray, norm: str):
+    """Minimises ‖Δ‖ (l1 or linf) s.t. m·Δ ≥ r (m dense or scipy sparse);
+    returns (Δ, result)."""
+    nc, nv = m.shape
+    ms = scipy.sparse.csr_matrix(m)
+    if norm == "l1":
+        # Δ = u − v, u, v ≥ 0:  −m·u + m·v ≤ −r.
+        a_ub = scipy.sparse.hstack([-ms, ms], format="csr")
+        c = np.ones(2 * nv)
+        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=-r, bounds=(0, None),
+                                     method="highs")
+        delta = None if res.x is None else res.x[:nv] - res.x[nv:]
+    elif norm == "linf":
+        # variables (Δ, t): −m·Δ ≤ −r;  Δ − t ≤ 0;  −Δ − t ≤ 0.
+        eye = scipy.sparse.identity(nv, format="csr")
+        one = scipy.sparse.csr_matrix(np.ones((nv, 1)))
+        a_ub = scipy.sparse.vstack([
+            scipy.sparse.hstack([-ms, scipy.sparse.csr_matrix((nc, 1))]),
+            scipy.sparse.hstack([eye, -one]),
+            scipy.sparse.hstack([-eye, -one])], format="csr")
+        b_ub = np.concatenate([-r, np.zeros(2 * nv)])
+        c = np.zeros(nv + 1)
+        c[-1] = 1.0
+        bounds = [(None, None)] * nv + [(0, None)]
+        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds,
+                                     method="highs")
+        delta = None if res.x is None else res.x[:nv]
+    else:
+        raise ValueError(f"unknown norm {norm!r}; use 'l1' or 'linf'")
+    return delta, res
+
+
+def solve_milp(c, constraints, integrality, bounds=None, time_limit=None):
+    """``scipy.optimize.milp`` with HiGHS and an optional time limit (s);
+    returns the scipy result (``status`` indexes :data:`LP_STATUS`)."""
+    options = {}
+    if time_limit is not None:
+        options["time_limit"] = float(time_limit)
+    return scipy.optimize.milp(c, constraints=constraints,
+                               integrality=integrality, bounds=bounds,
+                               options=options)
