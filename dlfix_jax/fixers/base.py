@@ -90,6 +90,9 @@ class Problem:
         (the last entry is the final model), or None when the model has no
         training history (a model brought from elsewhere).
       dataset: the dataset's name (static, "" when unknown).
+      mean, std: per-channel constants of the inputs' normalisation (static
+        tuples): raw pixels in [0, 1] are ``x * std + mean`` (identity for
+        MNIST-like data). Image augmentations work in that pixel space.
     """
 
     model: models_base.Model = struct.field(pytree_node=False)
@@ -101,6 +104,16 @@ class Problem:
     passing: Data
     history: tuple | None = None
     dataset: str = struct.field(pytree_node=False, default="")
+    mean: tuple = struct.field(pytree_node=False, default=(0.0,))
+    std: tuple = struct.field(pytree_node=False, default=(1.0,))
+
+    def to_pixels(self, x):
+        """Normalised inputs -> pixels in [0, 1] (``x * std + mean``)."""
+        return x * jnp.asarray(self.std) + jnp.asarray(self.mean)
+
+    def from_pixels(self, p):
+        """Pixels in [0, 1] -> the model's normalised inputs."""
+        return (p - jnp.asarray(self.mean)) / jnp.asarray(self.std)
 
     @property
     def num_classes(self) -> int:
@@ -167,7 +180,15 @@ def make_problem(model: models_base.Model, variables, dataset, history=None,
         failing=Data.from_split(repair.take(np.nonzero(wrong)[0])),
         passing=Data.from_split(repair.take(np.nonzero(~wrong)[0])),
         history=None if history is None else tuple(history),
-        dataset=getattr(dataset, "name", ""))
+        dataset=getattr(dataset, "name", ""),
+        mean=_stat(getattr(dataset, "mean", None), 0.0),
+        std=_stat(getattr(dataset, "std", None), 1.0))
+
+
+def _stat(v, default: float) -> tuple:
+    if v is None:
+        return (float(default),)
+    return tuple(float(a) for a in np.asarray(v, np.float64).reshape(-1))
 
 
 def check_finite(tree, what: str) -> None:
