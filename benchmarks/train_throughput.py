@@ -12,8 +12,9 @@ VGG16; throughput does not depend on the pixel values). Each framework first
 runs warm-up steps (compilation, graph tracing), then ``--<model>_steps``
 timed steps; examples/s = steps x batch / wall time.
 
-* ``jax``: the trainer's own step (:func:`dlfix_jax.training.train.
-  make_train_chunk`: one jitted step per call, host-side batch gather
+* ``jax``: the shared training loop (:func:`dlfix_jax.training.loop.fit`
+  with the cross-entropy step of :func:`~dlfix_jax.training.loop.make_step`:
+  one jitted step per call, host-side batch gather from a shuffled epoch
   included, BatchNorm stats and dropout as in training).
 * ``keras``: Keras 3 (TensorFlow backend, its defaults, incl.
   ``jit_compile="auto"``), ``model.fit`` on NumPy arrays.
@@ -63,31 +64,29 @@ def _data(model: str, steps: int, batch: int, seed: int = 0):
 
 def bench_jax(model_name: str, steps: int, warmup: int, batch: int) -> float:
     import jax
-    import numpy as np
-    import optax
 
     from dlfix_jax import models
-    from dlfix_jax.training import train
+    from dlfix_jax.data import base as data_base
+    from dlfix_jax.data.source import Source
+    from dlfix_jax.training import loop
 
     model = models.get(model_name)
     v = model.init(jax.random.key(0))
-    tx = optax.adam(1e-3)
-    chunk = train.make_train_chunk(model, tx)
-    state = (v["params"], v.get("batch_stats", {}), tx.init(v["params"]))
+    tx = loop.optimizer("adam", 1e-3)
+    step = loop.make_step(loop.xent(model), tx)
     key = jax.random.key(1)
     x, y = _data(model_name, max(steps, warmup), batch)
-    idx = np.arange(len(y)).reshape(-1, batch)
+    src = Source(data_base.Split(x, y))
 
     def run(k, state):
-        # As in train_and_evaluate: gather the batches on the host, then k
-        # jitted steps.
-        b = idx[:k]
-        xs = x[b.reshape(-1)].reshape((k, batch) + x.shape[1:])
-        state, out = chunk(state, xs, y[b], np.arange(k, dtype=np.int32), key)
-        jax.block_until_ready((state, out))
-        return state
+        # As in train_and_evaluate: the shared loop, host-side batch gather
+        # from a shuffled epoch, one jitted step per call.
+        res = loop.fit(key, None, src.take_steps(key, batch, k),
+                       step_fn=step, state=state, num_steps=k)
+        jax.block_until_ready(res.state)
+        return res.state
 
-    state = run(warmup, state)  # compiles the step (one shape for any k)
+    state = run(warmup, loop.init_state(v, tx))  # compiles the step
     t = time.perf_counter()
     run(steps, state)
     return steps * batch / (time.perf_counter() - t)

@@ -14,6 +14,11 @@ for every seed and stacks the results, with one of three strategies:
   ones (measured ~10x for LeNet5; see ``benchmarks/eval_seeds.py``).
 * ``"lax_map"`` — ``jax.lax.map`` inside one jit: a compiled loop over seeds
   (no grouped kernels, no Python dispatch per seed).
+* ``"sharded"`` — the seed axis split over the local devices with
+  ``jax.shard_map`` on a 1-D ``"seeds"`` mesh, ``lax.map`` on each device:
+  bit-identical to ``"lax_map"`` on one device (tested with 8 fake CPU
+  devices). ``auto`` picks it nowhere yet: no multi-device machine was
+  measured.
 * ``"auto"`` — the fastest per backend and task as measured by
   ``benchmarks/eval_seeds.py`` (BENCHMARKS.md): on XLA CPU with jax 0.10.2,
   ``vmap`` for prediction (0.4-0.6x of sequential's time for LeNet5 and
@@ -41,7 +46,7 @@ import numpy as np
 
 from dlfix_jax import predict as predict_lib
 
-STRATEGIES = ("sequential", "vmap", "lax_map", "auto")
+STRATEGIES = ("sequential", "vmap", "lax_map", "sharded", "auto")
 
 # (backend, task) -> strategy chosen by "auto"; measured with
 # benchmarks/eval_seeds.py (CPU). Unlisted pairs fall back to "sequential".
@@ -136,6 +141,8 @@ def seed_mapper(fn: Callable, strategy: str = "auto", task: str = "predict"
     strategy = resolve_strategy(strategy, task=task)
     if strategy == "vmap":
         return jax.jit(_vmap_first(fn))
+    if strategy == "sharded":
+        return _sharded(fn)
     if strategy == "lax_map":
         @jax.jit
         def run_map(stacked, *args):
@@ -155,6 +162,42 @@ def seed_mapper(fn: Callable, strategy: str = "auto", task: str = "predict"
         return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
 
     return run_seq
+
+
+def seed_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh named ``"seeds"`` over ``devices`` (default: all local)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    return jax.sharding.Mesh(np.asarray(devices), ("seeds",))
+
+
+def _sharded(fn: Callable, devices=None) -> Callable:
+    """The seed axis split over the local devices (``shard_map`` on a
+    ``"seeds"`` mesh): each device runs ``lax.map`` over its own seeds, so a
+    seed's computation is the same program as under ``"lax_map"`` on one
+    device (bit-identical results). S is padded up to a multiple of the
+    device count by repeating the last seed; the padding is dropped."""
+    mesh = seed_mesh(devices)
+    n_dev = mesh.devices.size
+    P = jax.sharding.PartitionSpec
+
+    def local(stacked, *args):
+        return jax.lax.map(lambda v: fn(v, *args), stacked)
+
+    def run(stacked, *args):
+        s = num_seeds(stacked)
+        pad_n = (-s) % n_dev
+        if pad_n:
+            stacked = jax.tree_util.tree_map(
+                lambda a: jnp.concatenate(
+                    [a, jnp.repeat(a[-1:], pad_n, axis=0)]), stacked)
+        in_specs = (jax.tree_util.tree_map(lambda _: P("seeds"), stacked),) + \
+            tuple(jax.tree_util.tree_map(lambda _: P(), a) for a in args)
+        mapped = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                                       out_specs=P("seeds")))
+        out = mapped(stacked, *args)
+        return jax.tree_util.tree_map(lambda a: a[:s], out)
+
+    return run
 
 
 def _vmap_first(fn: Callable) -> Callable:

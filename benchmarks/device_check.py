@@ -1,0 +1,213 @@
+"""One short accelerator check: the numbers that choose per-backend strategies.
+
+  python -m benchmarks.device_check --out=DIR/device_check.json [--quick]
+
+(``benchmarks/device_check.sh`` wraps it.) On whatever backend JAX finds
+(GPU, TPU or CPU) it measures, each with compilation excluded (one warm-up):
+
+* training throughput of the shared loop (examples/s), LeNet5 and VGG16,
+  batch 128, random data;
+* S stacked LeNet5s (S = 1, 10): prediction and PGD under every seed-axis
+  strategy of :mod:`dlfix_jax.seed_axis` (sequential, vmap, lax_map and,
+  with more than one device, sharded);
+* PGD, 500 inputs x 40 steps, one LeNet5;
+* Arachne on the embedded digits with a digits-trained LeNet5 (one fix);
+* one Apricot reduced-model epoch (K models, sequential vs vmap).
+
+It writes one JSON file with the backend, device kinds, versions and every
+number, and prints a summary. Budget: under 8 minutes on one GPU; ``--quick``
+shrinks every size for a CPU smoke test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("out", "runs/bench/device_check.json", "JSON output.")
+flags.DEFINE_bool("quick", False, "Tiny sizes (CPU smoke test).")
+FLAGS = flags.FLAGS
+
+
+def _timed(fn, repeats: int = 3):
+    """(first call s, best steady-state s) of ``fn`` (blocks on outputs)."""
+    import jax
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    first = time.perf_counter() - t
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - t)
+    return first, best
+
+
+def train_throughput(name: str, steps: int, batch: int = 128) -> dict:
+    import jax
+    import numpy as np
+
+    from dlfix_jax import models
+    from dlfix_jax.data import base as data_base
+    from dlfix_jax.data.source import Source
+    from dlfix_jax.training import loop
+
+    model = models.get(name)
+    v = model.init(jax.random.key(0))
+    tx = loop.optimizer("adam", 1e-3)
+    step = loop.make_step(loop.xent(model), tx)
+    rng = np.random.default_rng(0)
+    n = (steps + 2) * batch
+    x = rng.random((n,) + tuple(model.input_shape), dtype=np.float32)
+    y = rng.integers(0, 10, n).astype(np.int32)
+    src = Source(data_base.Split(x, y))
+    key = jax.random.key(1)
+    state = loop.fit(key, None, src.take_steps(key, batch, 2), step_fn=step,
+                     state=loop.init_state(v, tx), num_steps=2).state
+    jax.block_until_ready(state)
+    t = time.perf_counter()
+    state = loop.fit(key, None, src.take_steps(key, batch, steps),
+                     step_fn=step, state=state, num_steps=steps).state
+    jax.block_until_ready(state)
+    dt = time.perf_counter() - t
+    return {"model": name, "steps": steps, "batch": batch,
+            "examples_per_s": steps * batch / dt}
+
+
+def seed_strategies(n_pred: int, n_pgd: int, pgd_steps: int) -> list[dict]:
+    import jax
+    import numpy as np
+
+    from dlfix_jax import models, predict, seed_axis
+    from dlfix_jax.metrics import pgd
+
+    m = models.get("lenet5")
+    strategies = ["sequential", "vmap", "lax_map"]
+    if jax.local_device_count() > 1:
+        strategies.append("sharded")
+    rows = []
+    for s in (1, 10):
+        st = seed_axis.to_device(seed_axis.stack_variables(
+            [m.init(jax.random.key(i)) for i in range(s)]))
+        x = np.asarray(jax.random.uniform(jax.random.key(1),
+                                          (n_pred, 28, 28, 1)))
+        xp = x[:n_pgd]
+        y = np.zeros(n_pgd, np.int32)
+        for strat in strategies:
+            f1, best = _timed(lambda: seed_axis.map_seeds(
+                predict.model_logits(m), st, x, strategy=strat))
+            rows.append({"task": "predict", "S": s, "strategy": strat,
+                         "n": n_pred, "first_s": f1, "steady_s": best})
+            f1, best = _timed(lambda: pgd.attack_stack(
+                m, st, xp, y, eps=0.15, bounds=(0.0, 1.0), steps=pgd_steps,
+                strategy=strat), repeats=2)
+            rows.append({"task": "pgd", "S": s, "strategy": strat,
+                         "n": n_pgd, "steps": pgd_steps, "first_s": f1,
+                         "steady_s": best})
+    return rows
+
+
+def pgd_one(n: int, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from dlfix_jax import models
+    from dlfix_jax.metrics import pgd
+
+    m = models.get("lenet5")
+    v = m.init(jax.random.key(0))
+    x = np.asarray(jax.random.uniform(jax.random.key(1), (n, 28, 28, 1)))
+    y = np.zeros(n, np.int32)
+    f1, best = _timed(lambda: pgd.linf_pgd(m, v, x, y, eps=0.15,
+                                           bounds=(0.0, 1.0), steps=steps),
+                      repeats=2)
+    return {"n": n, "steps": steps, "first_s": f1, "steady_s": best}
+
+
+def _digits_problem(epochs: int):
+    import jax
+
+    from dlfix_jax import data, fixers, models
+    from dlfix_jax.data.source import Source
+    from dlfix_jax.training import loop
+
+    ds = data.load("digits")
+    model = models.get("lenet5")
+    tx = loop.optimizer("adam", 2e-3)
+    key = jax.random.key(0)
+    steps = epochs * Source(ds.train).steps_per_epoch(64)
+    v = loop.fit(key, model.init(key),
+                 Source(ds.train).take_steps(key, 64, steps),
+                 step_fn=loop.make_step(loop.xent(model), tx), tx=tx,
+                 num_steps=steps).variables
+    return fixers.make_problem(model, v, ds)
+
+
+def arachne_fix(problem, generations: int) -> dict:
+    import jax
+
+    from dlfix_jax import fixers
+
+    spec = fixers.get("arachne")
+    cfg = fixers.fixer_config(spec, {"max_generations": generations,
+                                     "patience": generations})
+    f1, best = _timed(lambda: spec.fix(jax.random.key(0), problem,
+                                       cfg).variables, repeats=1)
+    return {"generations": generations, "first_s": f1, "steady_s": best}
+
+
+def apricot_epoch(problem, k: int) -> list[dict]:
+    import jax
+
+    from dlfix_jax import fixers
+    from dlfix_jax.fixers import apricot
+
+    rows = []
+    for strat in ("sequential", "vmap"):
+        cfg = fixers.fixer_config(fixers.get("apricot"), {
+            "num_rdlms": k, "rdlm_epochs": 1, "rdlm_strategy": strat})
+        f1, best = _timed(lambda: apricot.train_rdlms(
+            jax.random.key(0), problem.model, problem.train,
+            problem.num_classes, cfg)[0], repeats=1)
+        rows.append({"K": k, "strategy": strat, "first_s": f1,
+                     "steady_s": best})
+    return rows
+
+
+def main(argv):
+    del argv
+    import jax
+
+    q = FLAGS.quick
+    t0 = time.perf_counter()
+    out = {"backend": jax.default_backend(),
+           "devices": [str(d) for d in jax.devices()],
+           "device_kind": jax.devices()[0].device_kind,
+           "jax": jax.__version__, "python": platform.python_version(),
+           "host": platform.node(), "quick": q}
+    out["train"] = [train_throughput("lenet5", 20 if q else 300),
+                    train_throughput("vgg16", 2 if q else 50)]
+    print("train", out["train"], flush=True)
+    out["seed_axis"] = seed_strategies(64 if q else 5000, 16 if q else 500,
+                                       2 if q else 40)
+    print("seed_axis done", flush=True)
+    out["pgd"] = pgd_one(32 if q else 500, 4 if q else 40)
+    problem = _digits_problem(1 if q else 15)
+    out["arachne"] = arachne_fix(problem, 3 if q else 100)
+    out["apricot_rdlm_epoch"] = apricot_epoch(problem, 3 if q else 20)
+    out["total_s"] = time.perf_counter() - t0
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
+        json.dump(out, f, indent=2)
+    print(json.dumps({k: out[k] for k in ("backend", "device_kind", "train",
+                                          "pgd", "arachne", "total_s")},
+                     indent=1))
+    print(f"wrote {FLAGS.out}")
+
+
+if __name__ == "__main__":
+    app.run(main)
