@@ -216,7 +216,7 @@ def _write_utk(folder):
 
 
 def test_utkface_folder_and_tar(tmp_path):
-    _write_utk(tmp_path / "utkface" / "crop_part1")
+    _write_utk(tmp_path / "utkface" / "faces")
     with pytest.warns(UserWarning, match="skipped 1 file.*61_1_"):
         a = utkface.load(str(tmp_path), seed=0, image_size=8)
     sizes = utkface.split_sizes(12)
@@ -227,7 +227,7 @@ def test_utkface_folder_and_tar(tmp_path):
     gs = np.concatenate([s.group for s in a.splits.values()])
     assert sorted(zip(ys, gs)) == sorted((g, int(r != 0)) for _, g, r in _UTK)
     with tarfile.open(tmp_path / "faces.tar", "w") as tf:
-        tf.add(tmp_path / "utkface" / "crop_part1", arcname="crop_part1")
+        tf.add(tmp_path / "utkface" / "faces", arcname="faces")
     with pytest.warns(UserWarning, match="skipped 1"):
         b = utkface.load(str(tmp_path / "faces.tar"), seed=0, image_size=8)
     for s in a.splits:

@@ -121,10 +121,13 @@ def test_rerun_with_other_config_raises(run, digits):
 
 
 def test_load_model_on_workdir(run):
-    model, variables, history = checkpoint.load_model(run.workdir)
+    model, variables, history = checkpoint.load_model(run.workdir,
+                                                      history=True)
     assert model.name == "lenet5" and model.num_classes == 10
     _assert_bitwise_equal(variables, run.variables)
     assert len(history) == 2
+    # Default: no history read (evaluation paths).
+    assert checkpoint.load_model(run.workdir)[2] is None
     x = data_lib.load("digits").test.x[:8]
     np.testing.assert_array_equal(model.predict(variables, x),
                                   run.model.predict(run.variables, x))

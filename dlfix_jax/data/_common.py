@@ -1,5 +1,6 @@
 """Helpers shared by the file-based loaders: TFDS detection, split sizes,
-normalisation and path lookup. Private to ``dlfix_jax.data``.
+normalisation, path lookup and complete-archive reading. Private to
+``dlfix_jax.data``.
 
 TFDS is only imported when a prepared dataset is actually on disk (a
 ``<root>/<name>/<version>/dataset_info.json`` file), so loading local files
@@ -9,8 +10,11 @@ never pays for importing TensorFlow, and nothing is ever downloaded.
 from __future__ import annotations
 
 import glob
+import gzip
 import os
-from typing import Sequence
+import tarfile
+import zlib
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -190,3 +194,77 @@ def cached_arrays(source: str, tag: str, compute) -> dict[str, np.ndarray]:
         except (OSError, UnboundLocalError):
             pass
     return arrays
+
+
+# --------------------------------------------------------------- archives ---
+
+
+class _EndRecordingInfo(tarfile.TarInfo):
+    """A TarInfo that records on the TarFile why its member list ended.
+
+    Past the first member, tarfile ends the iteration *silently* at the end
+    of the file, at a truncated header and at a corrupt header; only a zero
+    block is a real end-of-archive marker. The header error that ended the
+    list is kept as ``tf.dlfix_end`` so :func:`iter_tar` can tell them apart.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tf):
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as e:
+            tf.dlfix_end = e
+            raise
+
+
+def iter_tar(path: str, accept: Callable[[str], bool]
+             ) -> Iterator[tuple[str, bytes]]:
+    """``(member name, bytes)`` of the regular files of a ``.tar`` /
+    ``.tar.gz`` whose name ``accept`` accepts, in archive order, in one
+    sequential pass (nothing is extracted to disk).
+
+    The archive must be complete: the tar stream must end in its
+    end-of-archive zero block and a gzip stream in its trailer (CRC-32 and
+    length checked), so a copy cut anywhere, even at a member boundary, is
+    refused instead of loading as a smaller dataset.
+
+    Raises:
+      DataError: naming ``path``; the message says "truncated" when the
+        archive ends early and "corrupt" for a bad header or checksum.
+    """
+    members = 0
+    try:
+        with open(path, "rb") as raw:
+            is_gz = raw.read(2) == b"\x1f\x8b"
+            raw.seek(0)
+            stream = gzip.GzipFile(fileobj=raw, mode="rb") if is_gz else raw
+            with tarfile.open(fileobj=stream, mode="r|" if is_gz else "r|*",
+                              tarinfo=_EndRecordingInfo) as tf:
+                for m in tf:
+                    members += 1
+                    if m.isfile() and accept(m.name):
+                        yield m.name, tf.extractfile(m).read()
+                end, offset = getattr(tf, "dlfix_end", None), tf.offset
+            if not isinstance(end, tarfile.EOFHeaderError):
+                what = ("corrupt" if isinstance(
+                    end, tarfile.InvalidHeaderError) else "truncated")
+                raise base.DataError(
+                    f"cannot read archive {path}: it is {what}, its tar "
+                    f"stream stops after {members:,} members at byte "
+                    f"{offset:,} without the end-of-archive marker ({end}); "
+                    f"copy it again")
+            if is_gz:  # read to the end: checks the gzip CRC and length
+                while stream.read(1 << 20):
+                    pass
+    except EOFError as e:
+        raise base.DataError(f"cannot read archive {path}: it is truncated "
+                             f"after {members:,} members ({e}); copy it "
+                             f"again") from e
+    except tarfile.ReadError as e:
+        what = "truncated" if "unexpected end" in str(e) else "corrupt"
+        raise base.DataError(f"cannot read archive {path}: it is {what} "
+                             f"after {members:,} members ({e})") from e
+    except (tarfile.TarError, OSError, zlib.error) as e:
+        raise base.DataError(f"cannot read archive {path}: corrupt or "
+                             f"unreadable after {members:,} members "
+                             f"({type(e).__name__}: {e})") from e

@@ -11,11 +11,18 @@ Sources for both, in order:
    folder inside the archive is allowed) in ``data_dir/cifar10/`` or
    ``data_dir``, or ``data_dir`` pointing at the archive itself. Members are
    decoded straight from the archive with Pillow; nothing is extracted to
-   disk. The shared ``cifar10_jpg.tar.gz`` (60,000 JPEGs) decodes in about
-   8 s on one idle CPU core; the decoded uint8 arrays are then cached as an
-   ``.npz`` (about 184 MB) in ``$DLFIX_CACHE_DIR`` or ``~/.cache/dlfix_jax``,
-   keyed by the archive's path, size and mtime, written atomically; set
-   ``DLFIX_NO_CACHE=1`` to turn the cache off.
+   disk. The archive must be complete (``_common.iter_tar``: tar
+   end-of-archive marker, gzip trailer). The shared ``cifar10_jpg.tar.gz``
+   (60,000 JPEGs) decodes in about 8 s on one idle CPU core; the decoded
+   uint8 arrays are then cached as an ``.npz`` (about 184 MB) in
+   ``$DLFIX_CACHE_DIR`` or ``~/.cache/dlfix_jax``, keyed by the archive's
+   path, size and mtime, written atomically; set ``DLFIX_NO_CACHE=1`` to
+   turn the cache off.
+
+A copy whose class folders are CIFAR-10's ten must hold all of it (5,000
+training and 1,000 test images per class); fewer is refused as truncated
+or incomplete (a tar cut at a member boundary otherwise loads as a smaller
+dataset).
 
 Class order = sorted folder names (airplane, automobile, bird, cat, deer,
 dog, frog, horse, ship, truck for CIFAR-10, which is also TFDS's and Keras's
@@ -36,8 +43,6 @@ from __future__ import annotations
 import glob
 import io
 import os
-import tarfile
-import zlib
 
 import numpy as np
 from PIL import Image
@@ -50,6 +55,10 @@ SIZES_S = (45_000, 5_000, 10_000, 10_000)
 MEAN = np.array([0.4914009, 0.48215896, 0.4465308], np.float32)
 STD = np.array([0.24703279, 0.24348423, 0.26158753], np.float32)
 GREY_FRACTION_MINORITY = 0.05
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog",
+               "frog", "horse", "ship", "truck")
+# Images per class in CIFAR-10's training and test sets.
+PER_CLASS = {"train": 5_000, "test": 1_000}
 _EXTS = (".jpg", ".jpeg", ".png")
 _ARCHIVES = ("*.tar.gz", "*.tgz", "*.tar")
 _NORM = ("(x/255 - mean) / std per channel, mean=[0.4914009, 0.48215896, "
@@ -90,23 +99,13 @@ def _decode(blob: bytes, where: str) -> np.ndarray:
 
 
 def _read_archive(path: str):
-    """[(split, class, member name, image)] from a tar(.gz) archive."""
+    """[(split, class, member name, image)] from a complete tar(.gz)
+    archive (``_common.iter_tar`` refuses a truncated or corrupt one)."""
     items = []
-    try:
-        # Stream mode: one sequential pass over the (gzip) archive.
-        with tarfile.open(path, "r|*") as tf:
-            for m in tf:
-                if not m.isfile():
-                    continue
-                key = _parse_member(m.name)
-                if key is None:
-                    continue
-                blob = tf.extractfile(m).read()
-                items.append((*key, m.name,
-                              _decode(blob, f"{path}:{m.name}")))
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise base.DataError(f"cannot read archive {path}: "
-                             f"{type(e).__name__}: {e}") from e
+    for name, blob in _common.iter_tar(
+            path, lambda n: _parse_member(n) is not None):
+        items.append((*_parse_member(name), name,
+                      _decode(blob, f"{path}:{name}")))
     return items
 
 
@@ -158,9 +157,7 @@ def read_cifar10_uint8(data_dir: str | None):
     if root is not None:
         xtr, ytr = _common.read_tfds_arrays("cifar10", root, "train")
         xte, yte = _common.read_tfds_arrays("cifar10", root, "test")
-        names = ("airplane", "automobile", "bird", "cat", "deer", "dog",
-                 "frog", "horse", "ship", "truck")
-        return xtr, ytr, xte, yte, names, f"tfds:cifar10 ({root})"
+        return xtr, ytr, xte, yte, CLASS_NAMES, f"tfds:cifar10 ({root})"
     if not data_dir or not os.path.exists(data_dir):
         raise base.DataError(f"CIFAR-10 data_dir {data_dir!r} does not exist; "
                              + _how_to_get(data_dir))
@@ -184,6 +181,25 @@ def read_cifar10_uint8(data_dir: str | None):
             names, path)
 
 
+def _check_complete(items, classes, path) -> None:
+    """A copy with CIFAR-10's ten class folders must hold all of CIFAR-10
+    (:data:`PER_CLASS`); a smaller one is a truncated or incomplete copy."""
+    if tuple(classes) != CLASS_NAMES:
+        return  # another class-folder dataset: nothing known to count
+    for split, want in PER_CLASS.items():
+        counts = {c: 0 for c in classes}
+        for sp, c, _, _ in items:
+            if sp == split:
+                counts[c] += 1
+        short = {c: n for c, n in counts.items() if n != want}
+        if short:
+            c, n = next(iter(short.items()))
+            raise base.DataError(
+                f"{path} is truncated or incomplete: {split}/{c} holds "
+                f"{n:,} images but CIFAR-10 has {want:,} per class "
+                f"({len(short)} of 10 {split} classes differ); copy it again")
+
+
 def _to_arrays(items, path, data_dir) -> dict[str, np.ndarray]:
     items.sort(key=lambda t: (t[0], t[1], t[2]))
     classes = {s: sorted({c for sp, c, _, _ in items if sp == s})
@@ -195,6 +211,7 @@ def _to_arrays(items, path, data_dir) -> dict[str, np.ndarray]:
     if classes["train"] != classes["test"]:
         raise base.DataError(f"{path}: train classes {classes['train']} differ"
                              f" from test classes {classes['test']}")
+    _check_complete(items, classes["train"], path)
     cid = {c: i for i, c in enumerate(classes["train"])}
     out = {"names": np.array(classes["train"])}
     for s in ("train", "test"):

@@ -27,6 +27,7 @@ Normalisation: ``x/255`` (the study's), shape (28, 28, 1), float32.
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import struct
 import zlib
@@ -70,9 +71,12 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
         with open(path, "rb") as f:
             raw = f.read()
         if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
-    except (OSError, EOFError, zlib.error) as e:
-        raise base.DataError(f"cannot read IDX file {path}: "
+            raw = gzip.decompress(raw)  # checks the CRC-32 and length
+    except EOFError as e:
+        raise base.DataError(f"cannot read IDX file {path}: the gzip stream "
+                             f"is truncated ({e})") from e
+    except (OSError, zlib.error) as e:
+        raise base.DataError(f"cannot read IDX file {path} (corrupt?): "
                              f"{type(e).__name__}: {e}") from e
     header = 4 + 4 * ndim
     if len(raw) < header:
@@ -84,10 +88,11 @@ def read_idx(path: str, ndim: int) -> np.ndarray:
             f"malformed IDX file {path}: magic {raw[:4].hex()} but expected "
             f"0000080{ndim} (uint8, {ndim} dimensions)")
     dims = struct.unpack(">" + "I" * ndim, raw[4:header])
-    expected = header + int(np.prod(dims, dtype=np.int64))
+    expected = header + math.prod(dims)
     if len(raw) != expected:
+        what = "truncated" if len(raw) < expected else "malformed"
         raise base.DataError(
-            f"malformed IDX file {path}: header declares shape {dims} "
+            f"{what} IDX file {path}: header declares shape {dims} "
             f"({expected:,} bytes) but the file has {len(raw):,} bytes")
     return np.frombuffer(raw, np.uint8, offset=header).reshape(dims)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import Iterator
 
 import jax
@@ -62,10 +63,23 @@ class Data:
         return Data(self.x[idx], self.y[idx], g)
 
 
+def _check_batch_size(batch_size) -> None:
+    """batch_size must be an integer >= 1 (0 used to divide by zero, and
+    ``_rebatch`` spun forever on it)."""
+    try:
+        ok = not isinstance(batch_size, bool) and operator.index(
+            batch_size) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
 def epoch_indices(key: jax.Array, n: int, batch_size: int) -> np.ndarray:
     """(steps, batch_size) example indices of one epoch (module docstring)."""
     if n <= 0:
         raise ValueError("cannot draw batches from an empty split")
+    _check_batch_size(batch_size)
     perm = np.asarray(jax.random.permutation(key, n))
     steps = math.ceil(n / batch_size)
     pad = steps * batch_size - n
@@ -123,6 +137,7 @@ class Source:
     # -- iteration -----------------------------------------------------------
     def ordered(self, batch_size: int) -> Iterator[base.Split]:
         """The split in order, in batches of ``batch_size`` (last partial)."""
+        _check_batch_size(batch_size)
         if self.in_memory:
             s = self.data
             for i in range(0, len(s), batch_size):
@@ -159,20 +174,26 @@ class Source:
     def take_steps(self, key: jax.Array, batch_size: int, steps: int,
                    start_epoch: int = 0) -> Iterator[tuple]:
         """``steps`` shuffled batches over consecutive epochs; epoch ``e``
-        uses ``fold_in(key, e)`` (``e`` from ``start_epoch``)."""
+        uses ``fold_in(key, e)`` (``e`` from ``start_epoch``). Every epoch
+        yields at least one batch (else ValueError), so this terminates."""
         done, e = 0, start_epoch
         while done < steps:
+            before = done
             for b in self.epoch(jax.random.fold_in(key, e), batch_size):
                 if done >= steps:
                     return
                 yield b
                 done += 1
+            if done == before:
+                raise ValueError(f"the {self.name or 'given'} split yielded "
+                                 f"no batch in an epoch (empty stream?)")
             e += 1
 
 
 def _rebatch(batches: Iterator[base.Split], size: int
              ) -> Iterator[base.Split]:
     """Re-cuts a stream of batches into batches of ``size`` rows."""
+    _check_batch_size(size)
     buf_x, buf_y, n = [], [], 0
     for b in batches:
         buf_x.append(np.asarray(b.x))

@@ -16,6 +16,12 @@ Sources, in order:
    ``data_dir``, or one folder level below (e.g. ``crop_part1/``,
    ``UTKFace/``).
 
+Archives must be complete (``_common.iter_tar``: tar end-of-archive marker,
+gzip trailer): tarfile alone reads a tar cut at a member boundary as a
+smaller dataset. Images in a folder named like a published copy
+(``crop_part1/`` 9,780 files, ``UTKFace/`` 23,708) must all be there; fewer
+is refused as truncated or incomplete.
+
 File names that do not parse (e.g. UTKFace's known ``61_1_<date>.jpg.chip.jpg``
 with the race field missing) are skipped and counted in one warning.
 
@@ -44,9 +50,7 @@ from __future__ import annotations
 import glob
 import io
 import os
-import tarfile
 import warnings
-import zlib
 
 import numpy as np
 from PIL import Image
@@ -62,6 +66,10 @@ STD = np.array([0.24673, 0.22277, 0.22068], np.float32)
 GROUP_NAMES = ("white", "non-white")
 CLASS_NAMES = ("male", "female")
 _ARCHIVES = ("*.tar", "*.tar.gz", "*.tgz")
+# Image files (parseable names or not) in the published UTKFace folders:
+# crop_part1 (the shared copy, /work/shared/data/utkface/README.txt) and the
+# aligned-and-cropped UTKFace/ (23,708 files, 23,705 with parseable names).
+KNOWN_COPIES = {"crop_part1": 9_780, "UTKFace": 23_708}
 _EXTS = (".jpg", ".jpeg", ".png")
 
 
@@ -114,15 +122,26 @@ def _decode(blob: bytes, where: str, size: int) -> np.ndarray:
 
 
 def _iter_archive(path: str):
-    """(member name, bytes) of every image-named file in a tar(.gz)."""
-    try:
-        with tarfile.open(path, "r|*") as tf:
-            for m in tf:
-                if m.isfile() and m.name.lower().endswith(_EXTS):
-                    yield m.name, tf.extractfile(m).read()
-    except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-        raise base.DataError(f"cannot read archive {path}: "
-                             f"{type(e).__name__}: {e}") from e
+    """(member name, bytes) of every image-named file in a complete
+    tar(.gz) (``_common.iter_tar`` refuses a truncated or corrupt one)."""
+    return _common.iter_tar(path, lambda n: n.lower().endswith(_EXTS))
+
+
+def _check_known_copies(names: list[str], path: str) -> None:
+    """Image files per folder of a known UTKFace copy (:data:`KNOWN_COPIES`)
+    must be all of it; fewer is a truncated or incomplete copy."""
+    counts: dict[str, int] = {}
+    for n in names:
+        folder = os.path.basename(os.path.dirname(n.replace("\\", "/")))
+        if folder in KNOWN_COPIES:
+            counts[folder] = counts.get(folder, 0) + 1
+    for folder, n in sorted(counts.items()):
+        if n != KNOWN_COPIES[folder]:
+            raise base.DataError(
+                f"{path} is truncated or incomplete: {folder}/ holds {n:,} "
+                f"image files but UTKFace's {folder} has "
+                f"{KNOWN_COPIES[folder]:,}; copy it again (or rename the "
+                f"folder if it is a deliberate subset)")
 
 
 def _folder_images(d: str) -> list[str]:
@@ -166,14 +185,16 @@ def _read(kind: str, path: str, size: int) -> dict[str, np.ndarray]:
                 with open(f, "rb") as fh:
                     yield f, fh.read()
         blobs = blobs()
-    rows, bad = [], []
+    rows, bad, names = [], [], []
     for name, blob in blobs:
+        names.append(name)
         lab = parse_name(name)
         if lab is None:
             bad.append(os.path.basename(name))
             continue
         rows.append((os.path.basename(name), lab,
                      _decode(blob, f"{path}:{name}", size)))
+    _check_known_copies(names, path)
     rows.sort(key=lambda r: r[0])
     if not rows:
         raise base.DataError(f"no UTKFace images with parseable names in "

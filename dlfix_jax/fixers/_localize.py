@@ -91,14 +91,26 @@ def pareto_front(g: np.ndarray, f: np.ndarray) -> np.ndarray:
     """Boolean mask of the points not dominated when maximising (g, f).
 
     p is dominated iff some q has g_q >= g_p, f_q >= f_p, one strictly.
+
+    Raises:
+      ValueError: a score is NaN (non-finite weights or activations upstream:
+        no point can be ranked). Each pass of the loop consumes at least one
+        point, so it always terminates (``NaN == NaN`` is false, which made
+        an earlier version spin forever on a NaN score).
     """
+    g, f = np.asarray(g), np.asarray(f)
+    if np.isnan(g).any() or np.isnan(f).any():
+        raise ValueError(
+            f"pareto_front: the scores hold NaN ({int(np.isnan(g).sum())} "
+            f"of g, {int(np.isnan(f).sum())} of f); the model or its "
+            f"activations are non-finite")
     order = np.lexsort((-f, -g))  # g descending, then f descending
     gs, fs = g[order], f[order]
     keep = np.zeros(len(g), bool)
     best_f_higher_g = -np.inf   # max f over points with strictly larger g
     i = 0
     while i < len(gs):
-        j = i
+        j = i + 1  # the group of equal g: always at least point i
         while j < len(gs) and gs[j] == gs[i]:
             j += 1
         grp_max = fs[i]  # sorted descending within the group

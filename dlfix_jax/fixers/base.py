@@ -161,16 +161,22 @@ def make_problem(model: models_base.Model, variables, dataset, history=None,
     repair split (small) goes to the device.
 
     Raises:
-      ValueError: the original variables hold non-finite values (every
-        fixer would search or train on NaNs), or the repair split is
-        streamed.
+      ValueError: the original variables hold non-finite values or its
+        logits on the repair split are non-finite (every fixer would
+        search or train on NaNs), or the repair split is streamed.
     """
     check_finite(variables, "the original model's variables")
     repair = dataset.repair
     if not hasattr(repair, "x"):
         raise ValueError("the repair split is streamed; a Problem needs it in "
                          "memory (take a subset: repair.take(n))")
-    pred = predict_lib.predict(model, variables, repair.x, batch_size)
+    pred, finite = predict_lib.predict_finite(model, variables, repair.x,
+                                              batch_size)
+    if not finite.all():
+        raise ValueError(
+            f"the original model outputs non-finite logits (NaN/Inf "
+            f"activations) on {int((~finite).sum())} of {len(finite)} repair "
+            f"inputs; no fixer can rank or train on them")
     wrong = pred != np.asarray(repair.y)
     return Problem(
         model=model, variables=variables,

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlfix_jax import fileio
+
 
 def _xp(*arrays):
     """``jax.numpy`` if any input is a JAX array (or tracer), else NumPy."""
@@ -75,12 +77,11 @@ def flips(pred_orig, pred_fixed, y) -> dict:
 
 
 def to_python(d: dict) -> dict:
-    """Converts a dict of arrays to JSON-friendly floats/ints/lists."""
+    """Converts a dict of arrays to JSON-friendly floats/ints/lists;
+    non-finite floats (NaN: undefined, ±inf: a division by zero) become
+    None (:func:`dlfix_jax.fileio.json_safe`), so the result is valid JSON."""
     out = {}
     for k, v in d.items():
         a = np.asarray(v)
-        if a.ndim == 0:
-            out[k] = a.item()
-        else:
-            out[k] = a.tolist()
+        out[k] = fileio.json_safe(a.item() if a.ndim == 0 else a.tolist())
     return out

@@ -7,6 +7,17 @@ execution strategy, see :mod:`dlfix_jax.seed_axis`), then computes ACC,
 ⇑ACC, RR, NFR and, on request, ASR/⇑ASR (:mod:`.pgd`) and AAOD/⇑AAOD
 (:mod:`.fairness`). Results are JSON-friendly Python values; per-fixed-model
 values are lists of length S in seed order.
+
+Corrupted models (the study's CORRUPTED): a model whose parameters hold a
+NaN/Inf, or that outputs a non-finite logit on a test input, gets no
+numbers: its metrics are None (its argmax over NaN logits would otherwise
+read as a plausible accuracy, e.g. 12.50%) and it is left out of the
+shared PGD sample. A corrupted *original* makes every comparison (⇑ACC,
+RR, NFR, ASR, AAOD) None for every model; only the fixed models' own ACC
+is still reported. ``corrupted_orig`` / ``corrupted`` and the reasons in
+``corrupted_reason_orig`` / ``corrupted_reason`` say which and why.
+Non-finite numbers (NaN: undefined, ±inf: a division by zero) are None in
+the result, so it is valid JSON as it is.
 """
 
 from __future__ import annotations
@@ -18,6 +29,29 @@ import numpy as np
 
 from dlfix_jax.metrics import classification, fairness, pgd
 from dlfix_jax import seed_axis as seeds
+
+# Per-fixed-model keys set to None for a corrupted fixed model.
+_PER_MODEL = ("acc", "d_acc", "repaired", "broken", "rr", "nfr", "asr",
+              "d_asr", "aaod", "d_aaod")
+# Keys that compare with the original: None for everyone when it is
+# corrupted.
+_RELATIVE = ("acc_orig", "wrong_orig", "d_acc", "repaired", "broken", "rr",
+             "nfr", "asr_orig", "asr", "d_asr", "aaod_orig", "d_aaod")
+
+
+def _params_finite(tree) -> bool:
+    """True when every float leaf of ``tree`` is finite (host check)."""
+    return all(bool(np.all(np.isfinite(np.asarray(a))))
+               for a in jax.tree_util.tree_leaves(tree)
+               if np.issubdtype(np.asarray(a).dtype, np.inexact))
+
+
+def _corrupted_reason(params_finite: bool, n_bad: int, n: int):
+    if not params_finite:
+        return "non-finite parameters"
+    if n_bad:
+        return f"non-finite outputs on {n_bad}/{n} test inputs"
+    return None
 
 
 def _resolve_data(data, dataset_name):
@@ -63,14 +97,21 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
       dict with ``n_test``, ``n_fixed`` (S), ``acc_orig``, ``acc`` (S),
       ``d_acc`` (S, ⇑ACC %), ``wrong_orig``, ``repaired``/``broken`` (S
       counts), ``rr``/``nfr`` (S, %), ``finite_orig``/``finite`` (all logits
-      finite), and when asked ``asr_orig``, ``asr``, ``d_asr``,
-      ``asr_samples``, ``eps``, ``softmax``; ``aaod_orig``, ``aaod``,
-      ``d_aaod``.
+      finite), ``finite_params_orig``/``finite_params``,
+      ``corrupted_orig``/``corrupted`` and ``corrupted_reason_orig``/
+      ``corrupted_reason`` (None or why), and when asked ``asr_orig``,
+      ``asr``, ``d_asr``, ``asr_samples``, ``eps``, ``softmax``;
+      ``aaod_orig``, ``aaod``, ``d_aaod``. Metrics of corrupted models are
+      None (module docstring).
 
     Raises:
       ValueError: AAOD requested on data without groups; ASR requested
-        without ``eps`` on a dataset with no default ε.
+        without ``eps`` on a dataset with no default ε; a bad ``eps``,
+        ``n_samples`` or batch size.
     """
+    pgd.check_args(batch_size=batch_size, pgd_batch_size=pgd_batch_size)
+    if asr:
+        pgd.check_args(eps=eps, n_samples=n_samples)
     x, y, group, name, nc = _resolve_data(data, dataset_name)
     num_classes = num_classes or nc or model_o.num_classes
     if aaod and group is None:
@@ -100,16 +141,32 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
     pf = seeds.scatter_groups(groups, preds)
     ff = seeds.scatter_groups(groups, fins)
 
+    n = len(y)
+    why_o = _corrupted_reason(_params_finite(vars_o), int(np.sum(~fo)), n)
+    why_f = [None] * int(pf.shape[0])
+    for m, st, pos in groups:
+        for j, s in enumerate(pos):
+            v = jax.tree_util.tree_map(lambda a, j=j: np.asarray(a)[j], st)
+            why_f[s] = _corrupted_reason(_params_finite(v),
+                                         int(np.sum(~ff[s])), n)
+    bad_f = np.array([w is not None for w in why_f], bool)
+
     acc_o = classification.accuracy(po, y)
     acc_f = classification.accuracy(pf, y)
     fl = classification.flips(po, pf, y)
     out: dict[str, Any] = {
-        "n_test": int(len(y)), "n_fixed": int(pf.shape[0]),
+        "n_test": int(n), "n_fixed": int(pf.shape[0]),
         "acc_orig": acc_o, "acc": acc_f,
         "d_acc": classification.relative_change(acc_f, acc_o),
         "wrong_orig": fl["wrong_orig"], "repaired": fl["repaired"],
         "broken": fl["broken"], "rr": fl["rr"], "nfr": fl["nfr"],
         "finite_orig": bool(np.all(fo)), "finite": np.all(ff, axis=1),
+        "finite_params_orig": why_o != "non-finite parameters",
+        "finite_params": [w != "non-finite parameters" for w in why_f],
+        "corrupted_orig": why_o is not None,
+        "corrupted": bad_f,
+        "corrupted_reason_orig": why_o,
+        "corrupted_reason": why_f,
     }
     if aaod:
         a_o = fairness.aaod(po, y, group, num_classes)
@@ -117,13 +174,29 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
         out.update(aaod_orig=a_o, aaod=a_f,
                    d_aaod=classification.relative_gain(a_o, a_f))
     if asr:
-        correct = (po == y) & np.all(pf == y[None], axis=0)
-        r = pgd.asr(key, model_o, vars_o, groups, x, y,
-                    eps=eps, n_samples=n_samples, softmax=softmax,
-                    correct=correct, batch_size=pgd_batch_size,
-                    strategy=strategy)
-        out.update(asr_orig=r["asr_orig"], asr=r["asr_fixed"],
-                   d_asr=r["d_asr"], asr_samples=r["n_samples"],
-                   eps=float(eps), softmax=bool(softmax))
-    return classification.to_python(out)
-
+        out.update(eps=float(eps), softmax=bool(softmax))
+        if why_o is None and not bad_f.all():
+            good = ~bad_f
+            correct = (po == y) & np.all((pf == y[None]) | ~good[:, None],
+                                         axis=0)
+            r = pgd.asr(key, model_o, vars_o, groups, x, y,
+                        eps=eps, n_samples=n_samples, softmax=softmax,
+                        correct=correct, exclude=bad_f,
+                        batch_size=pgd_batch_size, strategy=strategy)
+            out.update(asr_orig=r["asr_orig"], asr=r["asr_fixed"],
+                       d_asr=r["d_asr"], asr_samples=r["n_samples"])
+        else:  # nothing valid to attack: no sample, no numbers
+            out.update(asr_orig=None, asr=[None] * len(why_f),
+                       d_asr=[None] * len(why_f), asr_samples=0)
+    out = classification.to_python(out)
+    if why_o is not None:
+        for k in _RELATIVE:
+            if k in out:
+                out[k] = (None if not isinstance(out[k], list)
+                          else [None] * len(out[k]))
+    for s, bad in enumerate(bad_f):
+        if bad:
+            for k in _PER_MODEL:
+                if k in out:
+                    out[k][s] = None
+    return out

@@ -26,6 +26,14 @@ Differences from the study, on purpose:
   fixed model (common random numbers: the ASR difference then reflects the
   models, not the start). foolbox drew a fresh start on every call.
 
+Non-finite models: a fixed model with a non-finite logit on a test input
+(a corrupted model: its argmax, and so its "correct" set, is meaningless)
+is left out of the shared sample and not attacked; its ASR is NaN and
+``attacked`` says so. It would otherwise shrink every other model's sample
+(NaN logits argmax to class 0) and show ASR 0%. A non-finite original
+model makes ASR undefined (ValueError). Arguments are checked up front
+(:func:`check_args`: ε > 0, steps >= 1, ...), one clear line each.
+
 ASR is reported in % (like the paper's tables).
 """
 
@@ -61,6 +69,35 @@ EPSILONS = {
     "imagenet2012": 0.007,
     "imagenet": 0.007,
 }
+
+
+def _check_positive_int(name: str, v) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+
+
+def check_args(*, eps=None, steps=None, rel_stepsize=None, n_samples=None,
+               **batch_sizes) -> None:
+    """Validates PGD / ASR arguments (those given): ``eps`` a finite number
+    > 0, ``rel_stepsize`` a finite number > 0, ``steps``, ``n_samples`` and
+    every ``*batch_size`` keyword ints >= 1.
+
+    Raises:
+      ValueError: one line naming the argument and its value.
+    """
+    for name, v in (("eps", eps), ("rel_stepsize", rel_stepsize)):
+        if v is None:
+            continue
+        try:
+            ok = float(v) > 0 and np.isfinite(float(v))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+    for name, v in (("steps", steps), ("n_samples", n_samples),
+                    *batch_sizes.items()):
+        if v is not None:
+            _check_positive_int(name, v)
 
 
 def epsilon_for(dataset: str) -> float:
@@ -137,6 +174,8 @@ def attack_stack(model, stacked_vars, x0, y, *, eps: float, bounds,
     Returns:
       (S, n) bool success flags (and the adversarial inputs if asked).
     """
+    check_args(eps=eps, steps=steps, rel_stepsize=rel_stepsize,
+               batch_size=batch_size)
     x0 = np.asarray(x0, np.float32)
     y = np.asarray(y, np.int32)
     start = x0 if start is None else np.asarray(start, np.float32)
@@ -149,7 +188,7 @@ def attack_stack(model, stacked_vars, x0, y, *, eps: float, bounds,
     fn = _attack_fn(model, int(steps), float(rel_stepsize), bool(softmax))
     mapper = seeds.seed_mapper(fn, strategy, "pgd")
     stacked_vars = seeds.to_device(stacked_vars)
-    batch_size = max(1, min(batch_size, n))
+    batch_size = min(batch_size, n)
     eps_, lo, hi = (jnp.float32(eps), jnp.float32(bounds[0]),
                     jnp.float32(bounds[1]))
     succ, adv = [], []
@@ -172,6 +211,8 @@ def linf_pgd(model, variables, x0, y, *, eps: float, bounds, key=None,
     Returns:
       (success (n,) bool, adversarial inputs (n, ...)).
     """
+    check_args(eps=eps, steps=steps, rel_stepsize=rel_stepsize,
+               batch_size=batch_size)
     x0 = np.asarray(x0, np.float32)
     start = None if key is None else random_start_points(key, x0, eps, bounds)
     stacked = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None],
@@ -188,6 +229,7 @@ def select_samples(key: jax.Array, correct, n_samples: int = N_SAMPLES
     """Indices of up to ``n_samples`` inputs drawn without replacement (with
     ``key``) among those where ``correct`` is True; sorted ascending. Fewer
     are returned when fewer are correct."""
+    check_args(n_samples=n_samples)
     pool = np.flatnonzero(np.asarray(correct))
     if len(pool) == 0:
         return pool
@@ -195,10 +237,16 @@ def select_samples(key: jax.Array, correct, n_samples: int = N_SAMPLES
     return np.sort(pool[perm[:min(n_samples, len(pool))]])
 
 
+def _subset_stack(stacked, rows: list[int]):
+    """Rows ``rows`` of a stacked variable tree."""
+    idx = np.asarray(rows)
+    return jax.tree_util.tree_map(lambda a: a[idx], stacked)
+
+
 def asr(key: jax.Array, model_o, vars_o, fixed, x, y, *, eps: float,
         n_samples: int = N_SAMPLES, softmax: bool = False,
         random_start: bool = True, steps: int = STEPS,
-        rel_stepsize: float = REL_STEPSIZE, correct=None,
+        rel_stepsize: float = REL_STEPSIZE, correct=None, exclude=None,
         batch_size: int = 500, strategy: str = "auto",
         pred_batch_size: int = 256) -> dict[str, Any]:
     """ASR of the original and S fixed models on the same sampled inputs.
@@ -214,47 +262,85 @@ def asr(key: jax.Array, model_o, vars_o, fixed, x, y, *, eps: float,
       softmax: attack probabilities instead of logits (Keras softmax models).
       random_start: foolbox's ``random_start``.
       steps, rel_stepsize: PGD steps and step size relative to ε.
-      correct: optional (N,) bool, inputs that the original and all fixed
-        models classify correctly (computed here when omitted).
+      correct: optional (N,) bool, inputs that the original and all
+        non-excluded fixed models classify correctly (computed here when
+        omitted, excluding fixed models with a non-finite logit on ``x``).
+      exclude: optional (S,) bool, fixed models to leave out of the sample
+        and the attack (corrupted models); with ``correct=None`` models
+        with non-finite logits are added to it.
       batch_size, strategy, pred_batch_size: execution options.
 
     Returns:
       dict: ``asr_orig`` (%), ``asr_fixed`` (S,) %, ``d_asr`` (S,) =
-      (ASR_o − ASR_r)/ASR_o·100, ``n_samples`` (attacked), ``eps``,
-      ``bounds`` and ``indices`` of the attacked test inputs.
+      (ASR_o − ASR_r)/ASR_o·100 (NaN for models not attacked),
+      ``attacked`` (S,) bool, ``n_samples`` (attacked), ``eps``, ``bounds``
+      and ``indices`` of the attacked test inputs.
+
+    Raises:
+      ValueError: a bad argument (:func:`check_args`), or an original model
+        with non-finite logits (``correct=None``).
     """
+    check_args(eps=eps, steps=steps, rel_stepsize=rel_stepsize,
+               n_samples=n_samples, batch_size=batch_size,
+               pred_batch_size=pred_batch_size)
     groups = seeds.group_models(fixed, model_o)
     x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
+    s_total = seeds.total_seeds(groups)
+    exclude = (np.zeros(s_total, bool) if exclude is None
+               else np.asarray(exclude, bool).copy())
+    if exclude.shape != (s_total,):
+        raise ValueError(f"exclude must have one flag per fixed model "
+                         f"({s_total}), got shape {exclude.shape}")
     k_sample, k_start = jax.random.split(key)
     if correct is None:
-        correct = seeds.predict(model_o, vars_o, x, pred_batch_size) == y
-        for m, st, _ in groups:
-            p = seeds.predict_stack(m, st, x, pred_batch_size, strategy)
-            correct = correct & np.all(p == y[None], axis=0)
+        stacked_o = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None],
+                                           vars_o)
+        po, fo = seeds.predict_stack(model_o, stacked_o, x, pred_batch_size,
+                                     "sequential", return_finite=True)
+        if not np.all(fo):
+            raise ValueError(
+                f"the original model outputs non-finite logits on "
+                f"{int(np.sum(~fo))} of {len(y)} inputs: it is corrupted and "
+                f"its ASR is undefined")
+        correct = po[0] == y
+        for m, st, pos in groups:
+            p, f = seeds.predict_stack(m, st, x, pred_batch_size, strategy,
+                                       return_finite=True)
+            for j, s in enumerate(pos):
+                if not np.all(f[j]):
+                    exclude[s] = True
+                elif not exclude[s]:
+                    correct = correct & (p[j] == y)
     idx = select_samples(k_sample, correct, n_samples)
     n_sel = len(idx)
-    s_total = seeds.total_seeds(groups)
+    attacked = ~exclude
     if n_sel == 0:
         nan = float("nan")
         return {"asr_orig": nan, "asr_fixed": np.full(s_total, np.nan),
-                "d_asr": np.full(s_total, np.nan), "n_samples": 0,
-                "eps": float(eps), "bounds": (nan, nan), "indices": idx}
+                "d_asr": np.full(s_total, np.nan), "attacked": attacked,
+                "n_samples": 0, "eps": float(eps), "bounds": (nan, nan),
+                "indices": idx}
     xs, ys = x[idx], y[idx]
     bounds = (float(xs.min()), float(xs.max()))
-    start = random_start_points(k_start, xs, eps, bounds) if random_start else None
+    start = (random_start_points(k_start, xs, eps, bounds) if random_start
+             else None)
     kw = dict(eps=eps, bounds=bounds, start=start, steps=steps,
               rel_stepsize=rel_stepsize, softmax=softmax,
               batch_size=batch_size)
     stacked_o = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], vars_o)
     succ_o = attack_stack(model_o, stacked_o, xs, ys, strategy="sequential",
                           **kw)[0]
-    outs = [attack_stack(m, st, xs, ys, strategy=strategy, **kw)
-            for m, st, _ in groups]
-    succ_f = seeds.scatter_groups(groups, outs)
+    asr_f = np.full(s_total, np.nan)
+    for m, st, pos in groups:
+        rows = [j for j, s in enumerate(pos) if attacked[s]]
+        if not rows:
+            continue
+        sub = st if len(rows) == len(pos) else _subset_stack(st, rows)
+        succ = attack_stack(m, sub, xs, ys, strategy=strategy, **kw)
+        asr_f[[pos[j] for j in rows]] = 100.0 * np.mean(succ, axis=1)
     asr_o = 100.0 * float(np.mean(succ_o))
-    asr_f = 100.0 * np.mean(succ_f, axis=1)
     d = np.asarray(classification.relative_gain(asr_o, asr_f))
     return {"asr_orig": asr_o, "asr_fixed": asr_f, "d_asr": d,
-            "n_samples": n_sel, "eps": float(eps), "bounds": bounds,
-            "indices": idx}
+            "attacked": attacked, "n_samples": n_sel, "eps": float(eps),
+            "bounds": bounds, "indices": idx}

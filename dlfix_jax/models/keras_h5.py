@@ -64,6 +64,16 @@ softmax itself. A softmax anywhere else is an error, as is any other
 activation, layer class, data format, dtype or option we do not implement:
 the error names the layer (class and name) and lists what is supported.
 
+Untrusted files: before anything is read, every link in the file is
+visited (without following soft or external links) and the file is
+refused if it holds an **external link** (``h5py.ExternalLink``: an object
+in another file), a dataset with **external storage** (its bytes live in
+other, arbitrary local files) or a **virtual dataset** (a view of other
+files' datasets): any of them would let a model file read arbitrary local
+files into its weights. Weights must be numeric datasets. A damaged file
+(truncated, bit flips) gives a one-line :class:`KerasImportError` naming
+the file, never another exception type.
+
 The input shape comes from the ``InputLayer`` (``batch_input_shape`` /
 ``batch_shape``), else the first layer's ``batch_input_shape``, else the
 model's ``build_input_shape``; ``load(path, input_shape=...)`` overrides it.
@@ -142,8 +152,53 @@ def _read_weights(weights_root: h5py.Group, layer: str, cls: str
         if key in out:
             raise KerasImportError(
                 f"{cls} layer {layer!r}: two weights named {key!r}")
-        out[key] = np.asarray(group[name][()], dtype=np.float32)
+        dset = group[name]
+        if not isinstance(dset, h5py.Dataset) or dset.dtype.kind not in "fiu":
+            raise KerasImportError(
+                f"{cls} layer {layer!r}: weight {name!r} is not a numeric "
+                f"dataset")
+        out[key] = np.asarray(dset[()], dtype=np.float32)
     return out
+
+
+def _refuse_foreign_storage(f: h5py.File, path: str) -> None:
+    """Refuses external links, external storage and virtual datasets
+    (module docstring): each would read other local files into weights.
+
+    ``visititems_links`` visits every link once, without following soft or
+    external links, so this also terminates on cyclic hard links. (The
+    callback returns the problem, which stops the visit; raising inside an
+    h5py callback would surface as a SystemError.)
+    """
+    refuse = "refusing a model file that reads other files"
+
+    def check(name, link):
+        try:
+            return _foreign(name, link)
+        except Exception as e:  # noqa: BLE001 - must not escape the callback
+            return (f"object {name!r} cannot be read ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:200]}); damaged file?")
+
+    def _foreign(name, link):
+        if isinstance(link, h5py.ExternalLink):
+            return (f"{name!r} is an external link to "
+                    f"{link.filename}:{link.path}; {refuse}")
+        if not isinstance(link, h5py.HardLink):
+            return None  # soft links point inside this file
+        obj = f[name]
+        if isinstance(obj, h5py.Dataset):
+            if obj.is_virtual:
+                return (f"dataset {name!r} is a virtual dataset (a view of "
+                        f"other files); {refuse}")
+            if obj.external:
+                files = ", ".join(sorted({_text(e[0]) for e in obj.external}))
+                return (f"dataset {name!r} uses external storage ({files}); "
+                        f"{refuse}")
+        return None
+
+    problem = f.visititems_links(check)
+    if problem is not None:
+        raise KerasImportError(f"{path}: {problem}")
 
 
 def _model_config(f: h5py.File, path: str) -> dict:
@@ -485,19 +540,39 @@ def load(path: str | os.PathLike, input_shape: Sequence[int] | None = None
 
     Raises:
       KerasImportError: for an unsupported model class, layer, activation,
-        option, data format or dtype (naming the layer), or weights that do
-        not fit the architecture.
+        option, data format or dtype (naming the layer), weights that do
+        not fit the architecture, external links / external storage /
+        virtual datasets, or a damaged file.
       FileNotFoundError: when ``path`` does not exist.
     """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"no Keras .h5 file at {path}")
     try:
+        return _load(path, input_shape)
+    except KerasImportError:
+        raise
+    except _DAMAGED as e:  # what h5py, json and the translation raise on a
+        # damaged file (truncated, flipped bytes, nonsense config values)
+        detail = " ".join(str(e).split())[:300]
+        raise KerasImportError(
+            f"{path}: damaged or unreadable Keras .h5 file "
+            f"({type(e).__name__}: {detail})") from e
+
+
+_DAMAGED = (OSError, KeyError, ValueError, TypeError, AttributeError,
+            IndexError, RuntimeError, RecursionError, OverflowError,
+            UnicodeDecodeError)
+
+
+def _load(path: str, input_shape):
+    try:
         f = h5py.File(path, "r")
     except OSError as e:
         raise KerasImportError(
             f"{path}: not a readable HDF5 file ({e})") from e
     with f:
+        _refuse_foreign_storage(f, path)
         config = _model_config(f, path)
         layers = _layers_of(config, path)
         if not layers:

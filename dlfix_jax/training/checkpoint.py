@@ -10,22 +10,29 @@ Formats (never pickle):
   ``<workdir>/checkpoints/<epoch>`` (epochs numbered from 1), written by an
   ``orbax.checkpoint.CheckpointManager`` with ``StandardSave``. This is the
   history NeuRecover needs. :func:`history_manager` / :func:`load_history`.
+* **Resume state** (``<workdir>/resume.msgpack``, written by
+  :mod:`dlfix_jax.training.train` after each epoch, removed when the run
+  completes): optimiser state and step of the last complete epoch.
 * **A model**: :func:`load_model` takes either a training workdir of ours
   (``metrics.json`` or ``config.json`` + ``variables.msgpack``) or a Keras
-  ``.h5`` file (through :mod:`dlfix_jax.models.keras_h5`).
+  ``.h5`` file (through :mod:`dlfix_jax.models.keras_h5`). It reads no
+  epoch checkpoint unless asked (``history=``), so evaluating a model never
+  depends on its history; damaged checkpoints, variables or JSON files
+  raise :class:`CheckpointError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import serialization
+
+from dlfix_jax import fileio
 
 VARIABLES_FILE = "variables.msgpack"
 METRICS_FILE = "metrics.json"
@@ -39,28 +46,16 @@ class CheckpointError(Exception):
 
 
 def atomic_write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to ``path`` via a temporary file and ``os.replace``,
-    so a reader never sees a half-written file."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory,
-                               prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Writes ``data`` to ``path`` atomically (:func:`dlfix_jax.fileio.
+    atomic_write_bytes`), so a reader never sees a half-written file."""
+    fileio.atomic_write_bytes(path, data)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-    """Writes ``obj`` as indented JSON to ``path`` atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True)
-                              + "\n").encode("utf-8"))
+    """Writes ``obj`` as indented, valid JSON to ``path`` atomically
+    (:func:`dlfix_jax.fileio.atomic_write_json`: non-finite floats become
+    ``null``, never a bare ``NaN``)."""
+    fileio.atomic_write_json(path, obj)
 
 
 def _to_numpy(tree):
@@ -105,8 +100,16 @@ def load_variables(path: str, target: Any = None) -> dict:
         raise CheckpointError(f"{path!r} does not hold a variables dict")
     if target is not None:
         _check_structure(path, target, state)
-        state = serialization.from_state_dict(target, state)
-    return jax.tree_util.tree_map(jnp.asarray, state)
+        try:
+            state = serialization.from_state_dict(target, state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path!r} does not match the target "
+                                  f"structure: {e}") from e
+    try:
+        return jax.tree_util.tree_map(jnp.asarray, state)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path!r} holds a leaf that is not an "
+                              f"array: {e}") from e
 
 
 def _check_structure(path, target, state) -> None:
@@ -190,8 +193,43 @@ def load_history(workdir: str, target: Any = None,
             steps = steps[-last:] if last > 0 else []
         if not steps and last is None:
             raise CheckpointError(f"{directory!r} holds no finished checkpoint")
-        return [manager.restore(s, args=ocp.args.StandardRestore(target))
-                for s in steps]
+        out = []
+        for s in steps:
+            try:
+                out.append(manager.restore(
+                    s, args=ocp.args.StandardRestore(target)))
+            except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise
+                # many types for a damaged checkpoint
+                detail = " ".join(str(e).split())[:300]
+                raise CheckpointError(
+                    f"epoch checkpoint {os.path.join(directory, str(s))!r} "
+                    f"is damaged or unreadable ({type(e).__name__}: "
+                    f"{detail})") from e
+        return out
+    finally:
+        manager.close()
+
+
+def load_epoch(workdir: str, epoch: int, target: Any = None) -> dict:
+    """The variables saved after ``epoch`` (1-based) of a training run.
+
+    Raises:
+      CheckpointError: that epoch has no finished checkpoint, or it is
+        damaged.
+    """
+    import orbax.checkpoint as ocp
+    directory = os.path.join(workdir, CHECKPOINT_DIR)
+    if epoch not in history_epochs(workdir):
+        raise CheckpointError(f"no finished checkpoint of epoch {epoch} in "
+                              f"{directory!r}")
+    manager = history_manager(workdir, create=False)
+    try:
+        return manager.restore(epoch, args=ocp.args.StandardRestore(target))
+    except Exception as e:  # noqa: BLE001 - see load_history
+        detail = " ".join(str(e).split())[:300]
+        raise CheckpointError(
+            f"epoch checkpoint {os.path.join(directory, str(epoch))!r} is "
+            f"damaged or unreadable ({type(e).__name__}: {detail})") from e
     finally:
         manager.close()
 
@@ -201,8 +239,16 @@ def load_history(workdir: str, target: Any = None,
 
 
 def read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """A JSON object from ``path``; CheckpointError naming the file when it
+    is unreadable or not a JSON object."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path!r} is not readable JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path!r} does not hold a JSON object")
+    return obj
 
 
 def model_from_workdir(workdir: str):
@@ -233,15 +279,17 @@ def model_from_workdir(workdir: str):
         f"{METRICS_FILE} nor {CONFIG_FILE}")
 
 
-def load_model(path: str, history: bool | int = True):
+def load_model(path: str, history: bool | int = False):
     """Loads a model from a training workdir of ours or a Keras ``.h5`` file.
 
     Args:
       path: a directory written by
         :func:`dlfix_jax.training.train.train_and_evaluate` (or
         ``experiments/train.py``), or a Keras HDF5 file (``.h5``/``.hdf5``).
-      history: True loads every epoch's checkpoint, an int ``k`` the last
-        ``k``, False none (big models: each epoch is a full copy).
+      history: False (default) loads no epoch checkpoint, so evaluating
+        a model never reads (or is broken by) its training history; True
+        loads every epoch's checkpoint, an int ``k`` the last ``k`` (big
+        models: each epoch is a full copy).
 
     Returns:
       ``(model, variables, history)`` where ``history`` is the per-epoch
@@ -250,7 +298,8 @@ def load_model(path: str, history: bool | int = True):
 
     Raises:
       CheckpointError: ``path`` does not exist, or is neither a workdir with
-        ``variables.msgpack`` nor an ``.h5`` file.
+        ``variables.msgpack`` nor an ``.h5`` file, or an asked-for epoch
+        checkpoint is damaged.
     """
     path = os.fspath(path)
     if not os.path.exists(path):

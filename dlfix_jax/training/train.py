@@ -19,7 +19,8 @@ What it does, for a config from ``experiments/configs/<dataset>_<model>.py``:
 Randomness: one root key ``jax.random.key(config.seed)``; named streams are
 ``fold_in(root, INIT | SHUFFLE | DROPOUT)``; epoch ``e``'s permutation uses
 ``fold_in(shuffle, e)`` and step ``s``'s dropout ``fold_in(dropout, s)``.
-Same config, same machine -> bitwise the same variables.
+Same config, same machine -> bitwise the same variables (also across a
+kill and resume).
 
 Batches: each epoch is one permutation of the training set cut into batches
 of ``config.train.batch_size``; the last partial batch is filled up with
@@ -36,10 +37,35 @@ selection), as in an ordinary ``model.fit``.
 Rerunning on a workdir that holds a completed run with the same config
 loads it (logged as "loaded") instead of retraining; a completed run with a
 different config raises unless ``force=True``.
+
+Reliability (issue 11):
+
+* The config is validated first (:func:`validate_config`: one clear
+  ``ValueError`` line per bad key, e.g. ``epochs=-1``, a learning rate
+  outside ``(0, MAX_LEARNING_RATE]``, an unknown optimizer), and the data
+  are loaded and the model built, before anything in the workdir is removed
+  (so ``force=True`` with a config error or missing data deletes nothing).
+* Non-finite training inputs are refused up front; a non-finite loss raises
+  ``FloatingPointError`` (the shared loop's host check).
+* ``workdir/train.lock`` is ``flock``-ed (:func:`workdir_lock`, as the study
+  store locks its results): shared while loading a completed run, exclusive
+  while training, so a second run on a workdir being trained is refused
+  (``RuntimeError``) before it touches anything.
+* After every epoch, once its checkpoint is committed, ``workdir/resume.msgpack``
+  records the optimiser state, step, per-epoch records and training time.
+  A run killed before ``metrics.json`` resumes after its last complete
+  epoch, bit-identical to an uninterrupted run (the data order and dropout
+  keys are functions of the epoch and step); with no usable resume state,
+  another config in the workdir, or ``force``, it restarts cleanly. Which
+  one is logged and recorded as ``metrics["resumed_from_epoch"]`` /
+  ``TrainResult.resumed_from`` (0 = fresh start). The file is removed once
+  the run is complete. Cost: one extra write of the optimiser state per
+  epoch (for Adam, twice the parameters).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -47,7 +73,7 @@ import math
 import os
 import shutil
 import time
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +81,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from flax import serialization
 
 from dlfix_jax import data as data_lib
 from dlfix_jax import models
@@ -66,6 +93,15 @@ from dlfix_jax.training import loop
 
 # Named PRNG streams: fold_in(root, id) (dlfix_jax.rng).
 INIT, SHUFFLE, DROPOUT = rng.INIT, rng.SHUFFLE, rng.DROPOUT
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+SCHEDULES = ("constant", "cosine")
+# Our choice: no config here uses more than 0.1 (SGD with momentum); above
+# 1.0 every optimiser here diverges or saturates on these models, and the
+# issue saw lr=1e3 "train" to 9-22% and report complete.
+MAX_LEARNING_RATE = 1.0
+LOCK_FILE = "train.lock"
+RESUME_FILE = "resume.msgpack"
 
 
 @dataclasses.dataclass
@@ -79,6 +115,8 @@ class TrainResult:
       workdir: where everything was written.
       loaded: True when an existing completed run was loaded instead of
         trained.
+      resumed_from: the epoch an interrupted run was resumed after (0: a
+        fresh start, or loaded).
     """
 
     model: models.Model
@@ -86,6 +124,7 @@ class TrainResult:
     metrics: dict
     workdir: str
     loaded: bool = False
+    resumed_from: int = 0
 
 
 def config_to_dict(config) -> dict:
@@ -176,7 +215,10 @@ def _completed(workdir: str) -> dict | None:
     path = os.path.join(workdir, checkpoint.METRICS_FILE)
     if not os.path.isfile(path):
         return None
-    metrics = checkpoint.read_json(path)
+    try:
+        metrics = checkpoint.read_json(path)
+    except checkpoint.CheckpointError:
+        return None  # a damaged metrics.json is not a completed run
     if metrics.get("status") != "complete" or not os.path.isfile(
             os.path.join(workdir, checkpoint.VARIABLES_FILE)):
         return None
@@ -194,6 +236,197 @@ def _diff(a: dict, b: dict, prefix="") -> list[str]:
     return out
 
 
+# ---------------------------------------------------------------------------
+# Config validation (before anything in the workdir is touched).
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v))
+
+
+def validate_config(config, dataset_given: bool = False) -> None:
+    """Checks a training config up front; one clear line per problem.
+
+    Checked: ``seed`` and ``dataset.seed`` ints; ``dataset.name`` a known
+    loader (unless a ``dataset`` object is passed to
+    :func:`train_and_evaluate`); ``model.name`` a registered model;
+    ``train.epochs >= 1``, ``train.batch_size >= 1``,
+    ``0 < train.learning_rate <= MAX_LEARNING_RATE``, ``train.optimizer``
+    in :data:`OPTIMIZERS`, ``train.schedule`` in :data:`SCHEDULES`,
+    ``train.weight_decay >= 0``, ``0 <= train.momentum < 1``,
+    ``0 <= train.warmup_epochs <= train.epochs``,
+    ``train.steps_per_call >= 1`` and ``eval_batch_size >= 1`` (optional
+    keys only when present); every number finite.
+
+    Raises:
+      ValueError: ``bad training config: <key> ...``.
+    """
+    c = config_to_dict(config)
+
+    def bad(msg):
+        raise ValueError(f"bad training config: {msg}")
+
+    def section(name):
+        sec = c.get(name)
+        if not isinstance(sec, dict):
+            bad(f"{name} must be a section, got {sec!r}")
+        return sec
+
+    for key, v in (("seed", c.get("seed")),
+                   ("dataset.seed", section("dataset").get("seed", 0))):
+        if not _is_int(v):
+            bad(f"{key} must be an int, got {v!r}")
+    dname = section("dataset").get("name")
+    if not dataset_given and dname not in data_lib.names():
+        bad(f"dataset.name {dname!r} is unknown; known: {data_lib.names()}")
+    mname = section("model").get("name")
+    if mname not in models.names():
+        bad(f"model.name {mname!r} is unknown; known: {models.names()}")
+    t = section("train")
+    for key in ("epochs", "batch_size"):
+        v = t.get(key)
+        if not _is_int(v) or v < 1:
+            bad(f"train.{key} must be an int >= 1, got {v!r}")
+    lr = t.get("learning_rate")
+    if not _is_number(lr) or not 0 < lr <= MAX_LEARNING_RATE:
+        bad(f"train.learning_rate must be a number in (0, "
+            f"{MAX_LEARNING_RATE:g}], got {lr!r}")
+    opt = t.get("optimizer", "adam")
+    if opt not in OPTIMIZERS:
+        bad(f"train.optimizer {opt!r} is unknown; known: "
+            f"{', '.join(OPTIMIZERS)}")
+    sched = t.get("schedule", "constant") or "constant"
+    if sched not in SCHEDULES:
+        bad(f"train.schedule {sched!r} is unknown; known: "
+            f"{', '.join(SCHEDULES)}")
+    ranges = {"weight_decay": (0.0, math.inf, "a number >= 0"),
+              "momentum": (0.0, 1.0, "a number in [0, 1)"),
+              "warmup_epochs": (0.0, float(t["epochs"]),
+                                f"a number in [0, epochs={t['epochs']}]")}
+    for key, (lo, hi, what) in ranges.items():
+        v = t.get(key)
+        if v is None:
+            continue
+        ok = _is_number(v) and lo <= v <= hi
+        if key == "momentum":
+            ok = ok and v < hi
+        if not ok:
+            bad(f"train.{key} must be {what}, got {v!r}")
+    for key, v in (("train.steps_per_call", t.get("steps_per_call")),
+                   ("eval_batch_size", c.get("eval_batch_size"))):
+        if v is not None and (not _is_int(v) or v < 1):
+            bad(f"{key} must be an int >= 1, got {v!r}")
+
+
+# ---------------------------------------------------------------------------
+# Workdir lock and resume state.
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[Callable[[], None]]:
+    """A shared ``flock`` on ``workdir/train.lock`` (as the study store
+    locks its results); yields ``exclusive()``, which upgrades it before
+    anything is written. The kernel releases it when the process dies.
+
+    Readers of a completed run hold it shared (several may load at once);
+    a trainer holds it exclusive, so a second run on a workdir being
+    trained is refused before it touches anything.
+
+    Raises:
+      RuntimeError: another process is training in ``workdir``.
+    """
+    import fcntl
+    fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT,
+                 0o644)
+
+    def take(mode):
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except OSError as e:
+            raise RuntimeError(
+                f"another process is training in {workdir} (lock "
+                f"{LOCK_FILE} is held); wait for it to finish or use "
+                f"another workdir") from e
+
+    try:
+        take(fcntl.LOCK_SH)
+        yield lambda: take(fcntl.LOCK_EX)
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _save_resume(workdir: str, epoch: int, state: loop.TrainState,
+                 history: list[dict], train_time: float) -> None:
+    """What a killed run needs to continue bit-identically after ``epoch``
+    (its variables are the epoch checkpoint): the optimiser state, the
+    step, the per-epoch records and the training time."""
+    data = serialization.msgpack_serialize({
+        "epoch": epoch, "step": int(state.step),
+        "opt_state": serialization.to_state_dict(
+            jax.tree_util.tree_map(np.asarray, state.opt_state)),
+        "history_json": json.dumps(history), "train_time_s": train_time})
+    checkpoint.atomic_write_bytes(os.path.join(workdir, RESUME_FILE), data)
+
+
+def _resume_point(workdir: str, cfg_dict: dict, epochs: int
+                  ) -> tuple[int, dict | None, str]:
+    """``(epoch, resume record, why not)``: the last complete epoch a killed
+    run of the same config can continue from, or ``(0, None, reason)``."""
+    cfg_path = os.path.join(workdir, checkpoint.CONFIG_FILE)
+    if not os.path.isfile(cfg_path):
+        return 0, None, "new workdir"
+    try:
+        old = checkpoint.read_json(cfg_path)
+    except checkpoint.CheckpointError:
+        return 0, None, "its config.json is unreadable"
+    if old != cfg_dict:
+        return 0, None, "it held a run of another config"
+    path = os.path.join(workdir, RESUME_FILE)
+    if not os.path.isfile(path):
+        return 0, None, "no epoch of the previous run was complete"
+    try:
+        with open(path, "rb") as f:
+            rec = serialization.msgpack_restore(f.read())
+        epoch = int(rec["epoch"])
+        rec["history"] = json.loads(rec["history_json"])
+        saved = checkpoint.history_epochs(workdir)
+    except Exception as e:  # noqa: BLE001 - any damage means: start over
+        return 0, None, f"its resume state is unreadable ({type(e).__name__})"
+    if not 1 <= epoch <= epochs or saved[:epoch] != list(range(1, epoch + 1)):
+        return 0, None, (f"the checkpoint of epoch {epoch} is missing "
+                         f"(saved: {saved})")
+    return epoch, rec, ""
+
+
+def _clear_run(workdir: str) -> None:
+    """Removes every output of a previous run (under the exclusive lock)."""
+    ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    if os.path.isdir(ckpt_dir):
+        shutil.rmtree(ckpt_dir)
+    for name in (checkpoint.METRICS_FILE, checkpoint.VARIABLES_FILE,
+                 RESUME_FILE):
+        path = os.path.join(workdir, name)
+        if os.path.exists(path):
+            os.remove(path)
+
+
+def _drop_epochs_after(workdir: str, epoch: int) -> None:
+    """Removes epoch checkpoints after ``epoch`` (saved by a killed run
+    after its last resume state)."""
+    ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+    for name in os.listdir(ckpt_dir):
+        head = name.split(".", 1)[0]  # "<step>" or an orbax "<step>.*tmp*"
+        if head.isdigit() and (int(head) > epoch or "." in name):
+            path = os.path.join(ckpt_dir, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+
+
 def train_and_evaluate(config, workdir: str, *, force: bool = False,
                        dataset: data_lib.Dataset | None = None
                        ) -> TrainResult:
@@ -206,45 +439,58 @@ def train_and_evaluate(config, workdir: str, *, force: bool = False,
         eval_batch_size).
       workdir: output directory (created).
       force: retrain even when ``workdir`` holds a completed run (its
-        checkpoints are removed first).
+        outputs are removed first, after the config and data are checked).
       dataset: an already loaded dataset to use instead of loading
         ``config.dataset`` (tests, study runners); it must be the one the
         config names.
+
+    Order: the config is validated, the workdir locked, the data loaded
+    and the model built before anything in the workdir is removed. A
+    workdir holding an interrupted run of the same config (killed, no
+    complete ``metrics.json``) resumes after its last complete epoch
+    (bit-identical to an uninterrupted run); otherwise the run restarts
+    cleanly. Either is logged and recorded (``TrainResult.resumed_from``,
+    ``metrics["resumed_from_epoch"]``, 0 = a fresh start).
 
     Returns:
       A :class:`TrainResult`.
 
     Raises:
-      ValueError: ``workdir`` holds a completed run of a different config
-        (and not ``force``), or the config names an unknown optimizer.
+      ValueError: a bad config (:func:`validate_config`), a ``dataset``
+        that is not the config's, non-finite training inputs, or a workdir
+        holding a completed run of a different config (and not ``force``).
+      RuntimeError: another process is training in ``workdir``.
+      FloatingPointError: the loss became non-finite.
     """
     workdir = os.path.abspath(workdir)
+    validate_config(config, dataset_given=dataset is not None)
+    if dataset is not None and dataset.name != config.dataset.name:
+        raise ValueError(f"dataset {dataset.name!r} given but config names "
+                         f"{config.dataset.name!r}")
     cfg_dict = config_to_dict(config)
-    done = None if force else _completed(workdir)
-    if done is not None:
-        if done.get("config") != cfg_dict:
-            raise ValueError(
-                f"{workdir!r} already holds a completed run with a different "
-                f"config ({'; '.join(_diff(done.get('config', {}), cfg_dict))}"
-                f"); use another workdir or force=True (--force)")
-        model = checkpoint.model_from_workdir(workdir)
-        target = model.abstract_variables()
-        variables = checkpoint.load_variables(
-            os.path.join(workdir, checkpoint.VARIABLES_FILE), target)
-        logging.info("loaded completed run from %s (test accuracy %.4f)",
-                     workdir, done["test_accuracy"])
-        return TrainResult(model, variables, done, workdir, loaded=True)
-
     os.makedirs(workdir, exist_ok=True)
-    ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-    if os.path.isdir(ckpt_dir):  # stale or forced: start a clean history
-        shutil.rmtree(ckpt_dir)
-    metrics_path = os.path.join(workdir, checkpoint.METRICS_FILE)
-    if os.path.exists(metrics_path):
-        os.remove(metrics_path)
-    checkpoint.atomic_write_json(
-        os.path.join(workdir, checkpoint.CONFIG_FILE), cfg_dict)
+    with workdir_lock(workdir) as exclusive:
+        done = None if force else _completed(workdir)
+        if done is not None:
+            if done.get("config") != cfg_dict:
+                raise ValueError(
+                    f"{workdir!r} already holds a completed run with a "
+                    f"different config ("
+                    f"{'; '.join(_diff(done.get('config', {}), cfg_dict))}"
+                    f"); use another workdir or force=True (--force)")
+            model = checkpoint.model_from_workdir(workdir)
+            target = model.abstract_variables()
+            variables = checkpoint.load_variables(
+                os.path.join(workdir, checkpoint.VARIABLES_FILE), target)
+            logging.info("loaded completed run from %s (test accuracy %.4f)",
+                         workdir, done["test_accuracy"])
+            return TrainResult(model, variables, done, workdir, loaded=True)
+        exclusive()
+        return _train(config, cfg_dict, workdir, force, dataset)
 
+
+def _train(config, cfg_dict, workdir, force, dataset) -> TrainResult:
+    """The training run of :func:`train_and_evaluate` (under the lock)."""
     t_start = time.time()
     ds = dataset or data_lib.load(config.dataset.name,
                                   data_dir=config.dataset.data_dir,
@@ -255,6 +501,15 @@ def train_and_evaluate(config, workdir: str, *, force: bool = False,
     logging.info("data: %s", ds.summary())
     model = models.get(config.model.name, num_classes=ds.num_classes,
                        input_shape=ds.input_shape)
+    train_src = source_lib.Source(ds.train, "train")
+    if train_src.in_memory:
+        bad = ~np.isfinite(np.asarray(ds.train.x)).reshape(
+            len(ds.train), -1).all(axis=1)
+        if bad.any():
+            raise ValueError(
+                f"the {ds.name} training inputs hold non-finite values "
+                f"(NaN/Inf) in {int(bad.sum()):,} of {len(ds.train):,} rows; "
+                f"fix the data")
 
     root = rng.root(config.seed)
     variables = model.init(rng.stream(root, rng.INIT))
@@ -270,14 +525,37 @@ def train_and_evaluate(config, workdir: str, *, force: bool = False,
     eval_bs = int(config.get("eval_batch_size", 1000))
     shuffle_key = rng.stream(root, rng.SHUFFLE)
     dropout_key = rng.stream(root, rng.DROPOUT)
-    train_src = source_lib.Source(ds.train, "train")
     epochs = int(tcfg.epochs)
 
-    manager = checkpoint.history_manager(workdir)
-    history = []
+    # Everything is checked: now resume an interrupted run or start clean.
+    start, rec, why = ((0, None, "forced retraining") if force
+                       else _resume_point(workdir, cfg_dict, epochs))
+    history: list[dict] = []
     train_time = 0.0
+    if start:
+        _drop_epochs_after(workdir, start)
+        target = jax.eval_shape(lambda: variables)
+        epoch_vars = checkpoint.load_epoch(workdir, start, target)
+        opt_state = serialization.from_state_dict(
+            jax.eval_shape(tx.init, variables["params"]), rec["opt_state"])
+        opt_state = jax.tree_util.tree_map(jnp.asarray, opt_state)
+        other = {k: v for k, v in epoch_vars.items() if k != "params"}
+        state = loop.TrainState(epoch_vars["params"], other, opt_state,
+                                jnp.int32(int(rec["step"])))
+        history = list(rec["history"])
+        train_time = float(rec["train_time_s"])
+        logging.info("resuming %s after epoch %d/%d (its last complete "
+                     "epoch checkpoint)", workdir, start, epochs)
+    else:
+        if os.path.exists(os.path.join(workdir, checkpoint.CONFIG_FILE)):
+            logging.info("starting %s from scratch: %s", workdir, why)
+        _clear_run(workdir)
+        checkpoint.atomic_write_json(
+            os.path.join(workdir, checkpoint.CONFIG_FILE), cfg_dict)
+
+    manager = checkpoint.history_manager(workdir)
     try:
-        for epoch in range(1, epochs + 1):
+        for epoch in range(start + 1, epochs + 1):
             t0 = time.time()
             res = loop.fit(
                 dropout_key, None,
@@ -304,6 +582,9 @@ def train_and_evaluate(config, workdir: str, *, force: bool = False,
                 "%.4f, %.0f examples/s, %.1fs", epoch, epochs,
                 rec["loss"], rec["train_batch_accuracy"], valid_acc,
                 rec["examples_per_s"], dt)
+            # The resume state may only name a committed checkpoint.
+            manager.wait_until_finished()
+            _save_resume(workdir, epoch, state, history, train_time)
         manager.wait_until_finished()
     finally:
         manager.close()
@@ -325,6 +606,7 @@ def train_and_evaluate(config, workdir: str, *, force: bool = False,
         "steps": step,
         "train_time_s": train_time,
         "time_s": time.time() - t_start,
+        "resumed_from_epoch": start,
         "history": history,
         "model": {"name": config.model.name, "num_classes": model.num_classes,
                   "input_shape": list(model.input_shape),
@@ -335,8 +617,13 @@ def train_and_evaluate(config, workdir: str, *, force: bool = False,
         "versions": {"jax": jax.__version__, "optax": optax.__version__},
         "config": cfg_dict,
     }
+    metrics_path = os.path.join(workdir, checkpoint.METRICS_FILE)
     checkpoint.atomic_write_json(metrics_path, metrics)
+    resume_path = os.path.join(workdir, RESUME_FILE)
+    if os.path.exists(resume_path):
+        os.remove(resume_path)  # a completed run needs no resume state
     logging.info("done in %.1fs: train %.4f, valid %.4f, test %.4f -> %s",
                  metrics["time_s"], acc["train"], acc["valid"], acc["test"],
                  workdir)
-    return TrainResult(model, variables, metrics, workdir, loaded=False)
+    return TrainResult(model, variables, metrics, workdir, loaded=False,
+                       resumed_from=start)
