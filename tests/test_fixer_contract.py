@@ -34,6 +34,22 @@ BUDGETS = {
                 "retrain_lr": 1e-3, "max_passes": 3, "eval_batch_size": 256},
     "arachne": {"population": 20, "max_generations": 10},
     "ra": {"num_passing": 100},
+    "deeprepair": {"style_steps": 30, "style_width": 8, "epochs": 2,
+                   "transfer_batch_size": 256},
+    "editable_training": {"epochs": 2.0, "batch_size": 64, "max_steps": 5,
+                          "fix_max_steps": 10, "eval_every_epochs": 1.0,
+                          "eval_batch_size": 256},
+    "fewshot_mix": {"epochs": 3.0, "batch_size": 64, "lr": 1e-3,
+                    "eval_batch_size": 256},
+    "hudd": {"max_clusters": 10, "epochs": 3, "batch_size": 64,
+             "lr": 1e-2, "eval_batch_size": 256},
+    "hybridrepair": {"tta_views": 2, "finetune_epochs": 1, "epochs": 2,
+                     "tau_samples": 100, "density_k": 10,
+                     "eval_batch_size": 256},
+    "care": {"particles": 10, "max_iterations": 15},
+    "genmunn": {"population": 20, "n_parents": 5, "max_generations": 15},
+    "irepair": {"lr": 1e-3, "max_iters": 200},
+    "minimal_modification": {"num_passing": 100, "time_limit_s": 30.0},
     # <- new fixers' tiny budgets go above this line
 }
 
@@ -46,6 +62,16 @@ REFUSALS = {
     "apricot": fixtures.info_of(zoo.get("lenet5"), streaming=True),
     "arachne": fixtures.info_of(_CONV_LAST),
     "ra": fixtures.info_of(zoo.get("resnet18")),
+    "deeprepair": fixtures.info_of(zoo.get("lenet5"), streaming=True),
+    "editable_training": fixtures.info_of(zoo.get("lenet5"), n_train=0),
+    "fewshot_mix": fixtures.info_of(zoo.get("lenet5"), n_train=0),
+    "hudd": fixtures.info_of(zoo.get("lenet5"), streaming=True),
+    "hybridrepair": fixtures.info_of(zoo.get("lenet5"), streaming=True),
+    "care": fixtures.info_of(_CONV_LAST),  # no Dense to fold into
+    "genmunn": fixtures.info_of(_CONV_LAST, n_valid=100),  # no Dense layer
+    "irepair": fixtures.info_of(zoo.get("lenet5"), n_repair=5,
+                                n_failing=5),  # no general set
+    "minimal_modification": fixtures.info_of(zoo.get("resnet18")),
     # <- new fixers' refusal cases go above this line
 }
 

@@ -204,7 +204,8 @@ def test_statuses_and_metrics(tmp_path, base_dir):
         nan = by[("fake_nan", s)]
         assert nan["status"] == "corrupted"
         assert "non-finite" in nan["reason"]
-        assert nan["metrics"]["acc"] is not None  # recorded anyway
+        # non-finite: no numbers at all (the study's CORRUPTED)
+        assert nan["metrics"]["acc"] is None
         col = by[("fake_collapse", s)]
         assert col["status"] == "corrupted" and "chance" in col["reason"]
         assert col["metrics"]["acc"] <= 15
@@ -340,3 +341,42 @@ def test_ensembles_restricted_to_listed_approaches():
     assert runner_lib._ensembles_for(cfg, "arachne", combos) == []
     cfg.ensemble_approaches = "all"
     assert runner_lib._ensembles_for(cfg, "arachne", combos) == ["NO", "SV"]
+
+
+def test_changed_fixer_config_makes_new_cells(tmp_path, base_dir):
+    """A rerun with another fixer config computes new cells (their key holds
+    a hash of the config), keeps the old ones, and the report shows the two
+    configs as separate rows instead of pooling them."""
+    from dlfix_jax import report as report_lib
+    from dlfix_jax.report import tables
+    wd = _workdir(tmp_path, base_dir)
+    first = runner.run_study(tiny_config(["fake_vmap"]), str(wd))
+    again = runner.run_study(tiny_config(["fake_vmap"]), str(wd))
+    assert [r["key"] for r in again] == [r["key"] for r in first]
+    assert [_strip(r) for r in again] == [_strip(r) for r in first]
+    c = tiny_config(["fake_vmap"])
+    c.fixers.fake_vmap.scale = 0.5
+    second = runner.run_study(c, str(wd))
+    assert len(second) == 2
+    assert {r["variant"] for r in second}.isdisjoint(
+        {r["variant"] for r in first})
+    assert all(r["fixer_config"]["scale"] == 0.5 for r in second)
+    assert [r["metrics"]["acc"] for r in second] != [
+        r["metrics"]["acc"] for r in first]
+    records = tables.load_records(str(wd))
+    assert len(records) == 4
+    grid = tables.Grid.from_records(records)
+    assert len(grid.rows) == 2 and all(
+        row.startswith("FAKE_VMAP @") for row in grid.rows)
+    out = report_lib.write_report(str(wd))
+    md = open(os.path.join(out["out_dir"], "report.md")).read()
+    assert md.count("FAKE_VMAP @") >= 2
+    # Every registered fixer's settings exist in every study config.
+    for name in fixers.names():
+        assert name in c.fixers, name
+    # The study seed is part of what made a cell, too.
+    c2 = tiny_config(["fake_vmap"])
+    c2.seed = 7
+    third = runner.run_study(c2, str(wd))
+    assert {r["variant"] for r in third}.isdisjoint(
+        {r["variant"] for r in first})

@@ -102,10 +102,11 @@ def delta_jacobian_fns(model, layer_index: int):
     return jax.jit(layer_in), jac_fn, unravel, int(flat0.size)
 
 
-def margin_rows(jac, logits, y, margin, num_classes):
+def margin_rows(jac, logits, y, margin, num_classes, return_points=False):
     """Rows M, rhs r of M·Δ ≥ r for every (point, class j ≠ y):
-    ``logit_y(Δ) − logit_j(Δ) ≥ margin``."""
-    rows, rhs = [], []
+    ``logit_y(Δ) − logit_j(Δ) ≥ margin``. With ``return_points`` also the
+    index (into ``y``) of each row's point."""
+    rows, rhs, pts = [], [], []
     for j in range(num_classes):
         keep = y != j
         if not np.any(keep):
@@ -114,20 +115,26 @@ def margin_rows(jac, logits, y, margin, num_classes):
         m = jac[idx, y[idx], :] - jac[idx, j, :]
         rows.append(m)
         rhs.append(margin - (logits[idx, y[idx]] - logits[idx, j]))
+        pts.append(idx)
+    if return_points:
+        return np.concatenate(rows), np.concatenate(rhs), np.concatenate(pts)
     return np.concatenate(rows), np.concatenate(rhs)
 
 
-def solve_lp(m, r: np.ndarray, norm: str):
+def solve_lp(m, r: np.ndarray, norm: str, max_abs=None, time_limit=None):
     """Minimises ‖Δ‖ (l1 or linf) s.t. m·Δ ≥ r (m dense or scipy sparse);
-    returns (Δ, result)."""
+    returns (Δ, result). ``max_abs``: optional bound |Δ_i| ≤ max_abs;
+    ``time_limit``: optional HiGHS time limit (s; status 1 when hit)."""
     nc, nv = m.shape
     ms = scipy.sparse.csr_matrix(m)
+    hi = None if max_abs is None else float(max_abs)
+    options = {} if time_limit is None else {"time_limit": float(time_limit)}
     if norm == "l1":
         # Δ = u − v, u, v ≥ 0:  −m·u + m·v ≤ −r.
         a_ub = scipy.sparse.hstack([-ms, ms], format="csr")
         c = np.ones(2 * nv)
-        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=-r, bounds=(0, None),
-                                     method="highs")
+        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=-r, bounds=(0, hi),
+                                     method="highs", options=options)
         delta = None if res.x is None else res.x[:nv] - res.x[nv:]
     elif norm == "linf":
         # variables (Δ, t): −m·Δ ≤ −r;  Δ − t ≤ 0;  −Δ − t ≤ 0.
@@ -140,9 +147,9 @@ def solve_lp(m, r: np.ndarray, norm: str):
         b_ub = np.concatenate([-r, np.zeros(2 * nv)])
         c = np.zeros(nv + 1)
         c[-1] = 1.0
-        bounds = [(None, None)] * nv + [(0, None)]
+        bounds = [(None, None)] * nv + [(0, hi)]
         res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds,
-                                     method="highs")
+                                     method="highs", options=options)
         delta = None if res.x is None else res.x[:nv]
     else:
         raise ValueError(f"unknown norm {norm!r}; use 'l1' or 'linf'")

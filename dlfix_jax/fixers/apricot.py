@@ -9,10 +9,23 @@ epochs, optimiser, batch size, patience) follow the public re-implementation
 Algorithm:
 
 1. **Reduced models (rDLMs).** ``num_rdlms`` (K = 20) models of the same
-   architecture are trained from scratch, each on its own random subset of
-   the training set with ``rdlm_per_class`` (1,000) images per class, for
-   ``rdlm_epochs`` (60) epochs with Adam (lr ``rdlm_lr`` 2e-4, batch
-   ``rdlm_batch_size`` 128), with the shared training loop
+   architecture, each trained on its own random subset of the training set
+   with ``rdlm_per_class`` (1,000) images per class, for ``rdlm_epochs``
+   (60) epochs with Adam (lr ``rdlm_lr`` 2e-4, batch ``rdlm_batch_size``
+   128). **Initialisation** (``rdlm_init``): ``"original"`` (default) starts
+   every rDLM from the original model's weights; ``"scratch"`` from a fresh
+   random initialisation per rDLM, as coinse's ``rDLM_train.py`` does. The
+   default follows the paper's abstract ("Apricot generates a set of such
+   reduced DL models *from the original DL model*"); the paper's body could
+   not be read here (only its abstract is in the stored corpora), and both
+   public re-implementations found (coinse; a fairness-repair study's
+   ``BalancedSubsetDataLoader`` variant) train from scratch. The choice
+   matters: rDLMs trained from independent random initialisations are
+   unrelated points of weight space (hidden units in any order), so W_C and
+   W_I are near the origin and the update below collapses to a rescale of W
+   (measured at ad3de2b: every leaf x 1.0122, 0 of 20 failing inputs fixed
+   by one adaptation batch; RR came from retraining alone). Trained with
+   the shared training loop
    (:func:`dlfix_jax.training.loop.fit_many`): one model after another on
    CPU, one vmapped step for all K on GPU/TPU (the per-backend strategy of
    :mod:`dlfix_jax.seed_axis`; ``rdlm_strategy`` overrides it). The stacked
@@ -20,16 +33,21 @@ Algorithm:
 2. **Weight adaptation, one mini-batch at a time.** The failing repair
    inputs are shuffled and cut into mini-batches of ``batch_size`` (20). For
    each input x of a batch that the *current* model misclassifies, the rDLMs
-   are split into C (classify x correctly) and I (misclassify it); x is
-   skipped when either set is empty. With the mean weights W_C, W_I and
-   p_C = |C|/K, p_I = |I|/K, the paper's update is applied::
+   are split into C (classify x correctly) and I (misclassify it). With
+   the mean weights W_C, W_I and p_C = |C|/K, p_I = |I|/K, the paper's
+   update is applied::
 
        both           : W <- W - eta*p_C*(W - W_C) + eta*p_I*(W - W_I)
        correct_only   : W <- W - eta*p_C*(W - W_C)
        incorrect_only : W <- W + eta*p_I*(W - W_I)
 
    (eta = ``eta`` = 1e-3), i.e. toward the correct rDLMs and away from the
-   incorrect ones. **Sign:** coinse's ``AdjustWeights(strategy='both-org')``
+   incorrect ones. When C or I is empty its term vanishes (p = 0), so with
+   ``skip_unanimous = False`` (default, the paper) x is adapted whenever
+   the strategy has a non-empty term: toward W_C when every rDLM is right,
+   away from W_I when every one is wrong. coinse skips x when either set is
+   empty (``continue  # slightly different from paper``):
+   ``skip_unanimous = True``. **Sign:** coinse's ``AdjustWeights(strategy='both-org')``
    computes ``W + eta*(p_C*(W - W_C) - p_I*(W - W_I))``, the opposite
    direction; we implement the paper's sign. Inputs of one batch are applied
    one after another (a ``lax.scan``), as in coinse; the current model's
@@ -63,13 +81,19 @@ Defaults and deviations from the paper / coinse:
   uses the smallest class count per class (static shapes).
 * Subsets are drawn without replacement per class, independently per rDLM.
 
+``rdlm_init = "original"`` needs the original weights only (the study's
+models carry no record of their initial weights, so "the original's
+initial weights" is not an option).
+
 Tests and quick runs use tiny budgets (K, epochs, per-class counts), which is
 not the paper's budget; ``experiments/fix.py`` records the config used in
 ``metrics.json``.
 
 ``info``: ``batches`` processed, ``accepted`` (adaptations that improved
 the validation accuracy), ``accepted_retrain`` (retrainings that did),
-``adjusted`` (inputs that changed the weights),
+``adjusted`` (inputs that changed the weights), ``adapt_fixed`` (inputs of
+the adapted batches that the adaptation alone turned from misclassified to
+correct, summed over batches),
 ``valid_acc_trace`` (after each adaptation), ``valid_acc_post_retrain``,
 ``best_valid_acc``, ``orig_valid_acc``, ``rdlm_valid_acc`` (K,),
 ``stop_reason`` (code into :data:`STOP_REASONS`) and ``time_rdlm_s``.
@@ -92,6 +116,7 @@ from dlfix_jax.fixers import base
 from dlfix_jax.training import loop
 
 STRATEGIES = ("both", "correct_only", "incorrect_only")
+RDLM_INITS = ("original", "scratch")
 STOP_REASONS = ("max_passes", "patience", "no adaptable failing input in a "
                 "pass", "no failing inputs")
 
@@ -104,6 +129,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.rdlm_lr = 2e-4
     c.rdlm_batch_size = 128
     c.rdlm_strategy = "auto"   # auto | sequential | vmap (seed_axis)
+    c.rdlm_init = "original"   # original | scratch (module docstring)
+    c.skip_unanimous = False   # True: coinse's skip of unanimous inputs
     c.batch_size = 20
     c.eta = 1e-3
     c.strategy = "both"
@@ -120,7 +147,9 @@ def check_config(cfg) -> None:
     base.check_ranges(
         cfg, num_rdlms=(2, None), rdlm_per_class=(1, None),
         rdlm_epochs=(0, None), rdlm_lr=(0.0, 10.0), rdlm_batch_size=(1, None),
-        rdlm_strategy={"auto", "sequential", "vmap"}, batch_size=(1, None),
+        rdlm_strategy={"auto", "sequential", "vmap"},
+        rdlm_init=set(RDLM_INITS), skip_unanimous={True, False},
+        batch_size=(1, None),
         eta=(0.0, None), strategy=set(STRATEGIES), retrain_epochs=(0.0, None),
         retrain_lr=(0.0, 10.0), retrain_batch_size=(1, None),
         patience=(1, None), max_passes=(1, None), eval_batch_size=(1, None))
@@ -157,13 +186,20 @@ def rdlm_subsets(key, y: np.ndarray, num_classes: int, k: int, per_class: int
 
 
 def train_rdlms(key, model, train, num_classes: int,
-                config: ml_collections.ConfigDict):
+                config: ml_collections.ConfigDict, original=None):
     """Trains K reduced models; returns (stacked variables, subsets).
 
-    Every leaf of the returned variables has a leading K axis. Each rDLM has
-    its own key for initialisation, data order and dropout; the models are
-    trained by :func:`dlfix_jax.training.loop.fit_many`.
+    Every leaf of the returned variables has a leading K axis. Each rDLM
+    starts from ``original`` (``config.rdlm_init == "original"``, required
+    then) or from its own random initialisation (``"scratch"``) and has its
+    own keys for data order and dropout; the models are trained by
+    :func:`dlfix_jax.training.loop.fit_many`.
     """
+    init = str(config.get("rdlm_init", "scratch"))
+    if init not in RDLM_INITS:
+        raise ValueError(f"unknown rdlm_init {init!r}; one of {RDLM_INITS}")
+    if init == "original" and original is None:
+        raise ValueError("rdlm_init='original' needs the original variables")
     train = train if hasattr(train, "subset") else base.Source(train)
     k = int(config.num_rdlms)
     k_sub, k_init, k_ord = jax.random.split(key, 3)
@@ -177,7 +213,8 @@ def train_rdlms(key, model, train, num_classes: int,
     tx = loop.optimizer("adam", float(config.rdlm_lr))
     step_fn = loop.make_step(loop.xent(model), tx)
     keys = [jax.random.fold_in(k_init, i) for i in range(k)]
-    inits = [model.init(kk) for kk in keys]
+    inits = ([original] * k if init == "original"
+             else [model.init(kk) for kk in keys])
     iters = [train.subset(sub[i]).take_steps(
         jax.random.fold_in(loop.order_key(k_ord), i), bs, steps)
         for i in range(k)]
@@ -218,9 +255,12 @@ def _clamp_vars(variables):
 
 
 @functools.lru_cache(maxsize=32)
-def make_adapt(model, eta: float, strategy: str):
+def make_adapt(model, eta: float, strategy: str,
+               skip_unanimous: bool = False):
     """Returns jitted ``adapt(variables, rdlms, x, y, valid) -> (variables,
-    n_adj)``; ``rdlms`` are the stacked (K, ...) reduced models.
+    n_adj, n_fixed)``; ``rdlms`` are the stacked (K, ...) reduced models,
+    ``n_fixed`` the valid rows misclassified before and classified
+    correctly after the adaptation.
 
     ``x, y`` is one mini-batch (padded; ``valid`` marks real rows). The
     rDLMs' and the current model's predictions are computed once per batch;
@@ -239,7 +279,13 @@ def make_adapt(model, eta: float, strategy: str):
             c = rpred[:, i] == y[i]                              # (K,)
             nc = jnp.sum(c)
             ni = k - nc
-            do = valid[i] & (cur[i] != y[i]) & (nc > 0) & (ni > 0)
+            if skip_unanimous:
+                usable = (nc > 0) & (ni > 0)
+            else:
+                usable = {"both": (nc > 0) | (ni > 0),
+                          "correct_only": nc > 0,
+                          "incorrect_only": ni > 0}[strategy]
+            do = valid[i] & (cur[i] != y[i]) & usable
             wc_coef = c / jnp.maximum(nc, 1)
             wi_coef = (~c) / jnp.maximum(ni, 1)
             pc, pi = nc / k, ni / k
@@ -253,8 +299,10 @@ def make_adapt(model, eta: float, strategy: str):
             v = jax.tree_util.tree_map(leaf, v, rdlms)
             return _clamp_vars(v), do
 
-        variables, did = jax.lax.scan(body, variables, jnp.arange(x.shape[0]))
-        return variables, jnp.sum(did)
+        new, did = jax.lax.scan(body, variables, jnp.arange(x.shape[0]))
+        after = jnp.argmax(model.apply(new, x), -1)
+        fixed = valid & (cur != y) & (after == y)
+        return new, jnp.sum(did), jnp.sum(fixed)
 
     return adapt
 
@@ -295,7 +343,7 @@ def fix(key: jax.Array, problem: base.Problem,
         return predict_lib.accuracy(model, v, valid, ebs)
 
     rdlms, _ = train_rdlms(k_rdlm, model, problem.train, problem.num_classes,
-                           config)
+                           config, original=problem.variables)
     rdlms = jax.block_until_ready(rdlms)
     t_rdlm = time.perf_counter() - t0
     rdlm_acc = [valid_acc(v) for v in seed_axis.unstack_variables(rdlms)]
@@ -305,7 +353,7 @@ def fix(key: jax.Array, problem: base.Problem,
     orig_acc = best_acc
     trace, post = [], []
     counts = {"batches": 0, "accepted": 0, "accepted_retrain": 0,
-              "adjusted": 0}
+              "adjusted": 0, "adapt_fixed": 0}
     n_fail = len(problem.failing)
 
     def result(vars_, stop):
@@ -321,7 +369,8 @@ def fix(key: jax.Array, problem: base.Problem,
     if n_fail == 0:
         return result(variables, STOP_REASONS.index("no failing inputs"))
 
-    adapt = make_adapt(model, float(config.eta), config.strategy)
+    adapt = make_adapt(model, float(config.eta), config.strategy,
+                       bool(config.skip_unanimous))
     n_train = len(problem.train)
     rbs, rsteps = retrain_steps(n_train, config)
     tx = loop.optimizer("adam", float(config.retrain_lr))
@@ -342,9 +391,11 @@ def fix(key: jax.Array, problem: base.Problem,
         for b in range(nb):
             ix = perm[b * bs:(b + 1) * bs]
             ok = jnp.asarray(np.arange(b * bs, (b + 1) * bs) < n_fail)
-            variables, n_adj = adapt(variables, rdlms, problem.failing.x[ix],
-                                     problem.failing.y[ix], ok)
+            variables, n_adj, n_fixed = adapt(
+                variables, rdlms, problem.failing.x[ix], problem.failing.y[ix],
+                ok)
             n_adj = int(n_adj)
+            counts["adapt_fixed"] += int(n_fixed)
             pass_adjusted += n_adj
             counts["adjusted"] += n_adj
             counts["batches"] += 1

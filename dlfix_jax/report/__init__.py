@@ -168,15 +168,18 @@ def write_report(workdir: str, *, out_dir: str | None = None,
             md += [f"![{row} on {col}]({name})", ""]
 
     bad = [r for r in records if r["status"] != "ok"]
+    split = tables.multi_variant(records)
     if bad:
         md += ["## Cells that did not produce a model", "",
                tables.markdown_table(
                    ["approach", "dataset", "model", "seed", "status",
                     "reason"],
-                   [[tables.row_label(r), r["dataset"], r.get("model", ""),
+                   [[tables.row_label(r, split), r["dataset"],
+                     r.get("model", ""),
                      r["seed"], tables.STATUS_LABELS[r["status"]],
                      (r.get("reason") or "")[:200]]
                     for r in sorted(bad, key=lambda r: (
-                        r["dataset"], tables.row_label(r), r["seed"]))])]
+                        r["dataset"], tables.row_label(r, split),
+                        r["seed"]))])]
     tables.write_text(path("report.md"), "\n".join(md))
     return {"out_dir": out, "files": files, "records": len(records)}

@@ -173,8 +173,22 @@ def _validate(rec: Any, path: str, lineno: int) -> None:
 # --------------------------------------------------------------------------
 # The study grid.
 
-def row_label(rec: Mapping) -> str:
-    return str(rec.get("abbrev") or rec["approach"])
+def row_label(rec: Mapping, split_variants: bool = False) -> str:
+    """The row of a record: the approach's abbreviation, and with
+    ``split_variants`` its cell variant (``"AR @1a2b3c"``) so that cells
+    made with different fixer configs are never pooled into one row."""
+    label = str(rec.get("abbrev") or rec["approach"])
+    if split_variants and rec.get("variant"):
+        label += f" @{str(rec['variant'])[:6]}"
+    return label
+
+
+def multi_variant(records: Sequence[Mapping]) -> bool:
+    """True when some approach has records of more than one variant."""
+    seen: dict[str, set] = {}
+    for r in records:
+        seen.setdefault(row_label(r), set()).add(r.get("variant"))
+    return any(len(v) > 1 for v in seen.values())
 
 
 def _ordered(items: Iterable[str], preferred: Sequence[str]) -> list[str]:
@@ -204,16 +218,26 @@ class Grid:
             d = r["dataset"]
             return f"{d}/{r.get('model')}" if len(models[d]) > 1 else d
 
+        split = multi_variant(records)
+        if split:
+            logging.warning(
+                "the records hold cells made with different configs of one "
+                "approach; they are reported as separate rows "
+                "(approach @variant, see each record's fixer_config)")
+
+        def label(r):
+            return row_label(r, split)
+
         cells: dict[tuple[str, str], list[dict]] = {}
         for r in records:
-            cells.setdefault((row_label(r), col(r)), []).append(r)
+            cells.setdefault((label(r), col(r)), []).append(r)
         for recs in cells.values():
             recs.sort(key=lambda r: r["seed"])
         datasets = _ordered([r["dataset"] for r in records], DATASET_ORDER)
         cols = []
         for d in datasets:
             cols += sorted({col(r) for r in records if r["dataset"] == d})
-        rows = _ordered([row_label(r) for r in records], STUDY_ORDER)
+        rows = _ordered([label(r) for r in records], STUDY_ORDER)
         seeds = sorted({int(r["seed"]) for r in records})
         return cls(rows=rows, cols=cols, cells=cells, seeds=seeds)
 

@@ -87,6 +87,8 @@ elapsed, ETA) through absl logging.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import datetime
 import functools
 import os
@@ -423,6 +425,10 @@ def _per_seed(res: dict, s: int) -> dict:
         if v is None:
             out[k] = None
             continue
+        if isinstance(v, (list, tuple)):
+            v = v[s]   # per-seed list; None for a corrupted model
+            out[k] = None if v is None else np.asarray(v).item()
+            continue
         a = np.asarray(v)
         out[k] = (a.item() if a.ndim == 0 else a[s].item())
     return out
@@ -550,9 +556,29 @@ def _pair_items(config) -> list[tuple[str, Any]]:
     return sorted(config.pairs.items())
 
 
+def cell_variant(fixer_cfg, pair_cfg, config) -> str:
+    """A short hash of what makes a cell: the fixer's full config, the base
+    model's training config (which determines the base model), the study
+    seed and the pair's ASR settings. Part of the cell key, so a changed
+    config computes new cells instead of returning old ones. Not included:
+    the time budget and batch sizes (they change how, not what, is
+    computed)."""
+    what = {"fixer": fileio.json_safe(fixer_cfg.to_dict()
+                                      if hasattr(fixer_cfg, "to_dict")
+                                      else dict(fixer_cfg)),
+            "train": fileio.json_safe(pair_cfg.train.to_dict()),
+            "asr": fileio.json_safe(pair_cfg.asr.to_dict())
+            if "asr" in pair_cfg else None,
+            "seed": int(config.seed)}
+    text = json.dumps(what, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def _base_record(pair_ds, pair_model, spec, seed, status, reason, cfg,
-                 started):
-    return {"key": store_lib.make_key(pair_ds, pair_model, spec.name, seed),
+                 started, variant=None):
+    return {"key": store_lib.make_key(pair_ds, pair_model, spec.name, seed,
+                                      variant),
+            "variant": variant,
             "dataset": pair_ds, "model": pair_model, "approach": spec.name,
             "abbrev": spec.abbrev or spec.name, "seed": int(seed),
             "status": status, "reason": reason,
@@ -592,21 +618,28 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
     if strategy not in ("auto", "vmap", "sequential"):
         raise ValueError(f"fix_strategy must be auto, vmap or sequential, "
                          f"got {strategy!r}")
-    checkpoint.atomic_write_json(os.path.join(workdir, "config.json"),
-                                 fileio.json_safe(config.to_dict()))
     root = jax.random.key(int(config.seed))
     keys = seed_keys(config, S)
+    # Every fixer config is built (and checked) before anything is written.
+    cfgs = {a: fixer_config(fixers.get(a), config.fixers.get(a)
+                            if "fixers" in config else None)
+            for a in approaches}
 
     with store.lock():
+        checkpoint.atomic_write_json(os.path.join(workdir, "config.json"),
+                                     fileio.json_safe(config.to_dict()))
         done = set() if force else store.completed_keys()
-        grid = []  # (pair name, dataset, model, approach, seeds to compute)
+        grid = []  # (pair, dataset, model, approach, variant, to compute)
         for pname, pcfg in _pair_items(config):
             ds_name, m_name = pcfg.train.dataset.name, pcfg.train.model.name
             for a in approaches:
+                var = cell_variant(cfgs[a], pcfg, config)
                 missing = [s for s in range(S) if store_lib.make_key(
-                    ds_name, m_name, a, s) not in done]
-                grid.append((pname, ds_name, m_name, a, missing))
-        todo = sum(len(g[4]) for g in grid)
+                    ds_name, m_name, a, s, var) not in done]
+                grid.append((pname, ds_name, m_name, a, var, missing))
+        # An approach with any missing seed runs all S seeds (the seed axis
+        # is batched); progress counts those runs.
+        todo = sum(S for g in grid if g[5])
         logging.info("study %s: %d pairs x %d approaches x %d seeds; %d "
                      "cells to compute, %d already in %s",
                      config.get("name", ""), len(config.pairs),
@@ -614,7 +647,7 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
                      len(grid) * S - todo, store.path)
         progress = _Progress(todo)
         loaded = {}
-        for pname, ds_name, m_name, a, missing in grid:
+        for pname, ds_name, m_name, a, var, missing in grid:
             if not missing:
                 logging.info("skip %s/%s/%s: all %d seeds recorded", ds_name,
                              m_name, a, S)
@@ -628,7 +661,7 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
             recs = _run_approach(
                 spec, model, variables, dataset, problem, pcfg, config, keys,
                 budget, strategy, _ensembles_for(config, a, combos),
-                jax.random.fold_in(root, STREAM_EVAL), progress)
+                jax.random.fold_in(root, STREAM_EVAL), progress, var)
             keep = [r for r in recs if r["seed"] in set(missing)]
             store.append_many(keep)
             for r in keep:
@@ -645,7 +678,7 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
                 logging.info("compacted %s: %d superseded records removed",
                              store.path, removed)
     latest = store.records()
-    order = [store_lib.make_key(g[1], g[2], g[3], s) for g in grid
+    order = [store_lib.make_key(g[1], g[2], g[3], s, g[4]) for g in grid
              for s in range(S)]
     return [latest[k] for k in order if k in latest]
 
@@ -676,15 +709,16 @@ def _load_pair(pcfg, workdir, data_lib, train_lib, checkpoint, fixers):
 
 
 def _run_approach(spec, model, variables, dataset, problem, pcfg, config,
-                  keys, budget, strategy, combos, eval_key, progress
-                  ) -> list[dict]:
+                  keys, budget, strategy, combos, eval_key, progress,
+                  variant=None) -> list[dict]:
     """Every seed's record of one approach on one pair."""
     ds_name, m_name = pcfg.train.dataset.name, pcfg.train.model.name
     S = len(keys)
     started = _now()
     overrides = config.fixers.get(spec.name) if "fixers" in config else None
     cfg = fixer_config(spec, overrides)
-    recs = [_base_record(ds_name, m_name, spec, s, "ok", None, cfg, started)
+    recs = [_base_record(ds_name, m_name, spec, s, "ok", None, cfg, started,
+                         variant)
             for s in range(S)]
     reason = spec.applicable(fixers_base.problem_info(
         model, dataset, len(problem.history) if problem.history else 0))

@@ -64,12 +64,22 @@ log = logging.getLogger(__name__)
 json_safe = fileio.json_safe
 
 
-def make_key(dataset: str, model: str, approach: str, seed: int) -> str:
-    """The cell key ``"dataset/model/approach/seed"``."""
+def make_key(dataset: str, model: str, approach: str, seed: int,
+             variant: str | None = None) -> str:
+    """The cell key ``"dataset/model/approach/seed"``, or with a
+    ``variant`` (a hash of what made the cell: the fixer config, the base
+    model's training config, the study seed and the ASR settings)
+    ``"dataset/model/approach@variant/seed"``: a changed config makes new
+    cells instead of finding the old ones."""
     for part, what in ((dataset, "dataset"), (model, "model"),
                        (approach, "approach")):
-        if not part or "/" in str(part):
-            raise ValueError(f"{what} {part!r} must be non-empty without '/'")
+        if not part or "/" in str(part) or "@" in str(part):
+            raise ValueError(f"{what} {part!r} must be non-empty without "
+                             "'/' or '@'")
+    if variant:
+        if "/" in str(variant):
+            raise ValueError(f"variant {variant!r} must not contain '/'")
+        return f"{dataset}/{model}/{approach}@{variant}/{int(seed)}"
     return f"{dataset}/{model}/{approach}/{int(seed)}"
 
 

@@ -1,7 +1,10 @@
 """Shared pieces of the study configs (``study_*.py`` import these).
 
 * :func:`base_study` — every key the study runner reads, with defaults;
-* :func:`asr_config` — the PGD-ASR block of one (dataset, model) pair.
+* :func:`asr_config` — the PGD-ASR block of one (dataset, model) pair;
+* :func:`fixer_settings` — every registered fixer's full config with a
+  study's overrides, so any fixer key can be set from the command line
+  (``--config.fixers.ra.margin=0.05``).
 """
 
 import ml_collections
@@ -26,7 +29,7 @@ def base_study(name: str) -> ml_collections.ConfigDict:
     c.num_seeds = 3
     c.approaches = "all"  # "all" (registered at run time) or "a,b,c"
     c.pairs = ml_collections.ConfigDict()
-    c.fixers = ml_collections.ConfigDict()  # per-fixer config overrides
+    c.fixers = fixer_settings()  # every fixer's full config
     c.time_budget_s = 0.0  # per fixing run; 0 = no budget
     c.corrupt_margin = 5.0  # corrupted if acc <= 100/num_classes + margin
     c.fix_strategy = "auto"  # auto (vmap when the fixer allows) | sequential
@@ -35,3 +38,21 @@ def base_study(name: str) -> ml_collections.ConfigDict:
     c.ensembles = ""  # "" or a comma list of NO,SV,HV,UP,UD,US
     c.ensemble_approaches = "all"  # "all" or a comma list of approaches
     return c
+
+
+def fixer_settings(overrides: dict | None = None
+                   ) -> ml_collections.ConfigDict:
+    """Every registered fixer's default config, updated with ``overrides``
+    (fixer name -> {key: value}; strict keys and types, as
+    :func:`dlfix_jax.fixers.fixer_config`)."""
+    from dlfix_jax import fixers  # the registry fills on import
+    overrides = dict(overrides or {})
+    unknown = sorted(set(overrides) - set(fixers.names()))
+    if unknown:
+        raise KeyError(f"overrides for unregistered fixers {unknown}; "
+                       f"registered: {fixers.names()}")
+    out = ml_collections.ConfigDict()
+    for name in fixers.names():
+        out[name] = fixers.fixer_config(fixers.get(name),
+                                        overrides.get(name))
+    return out

@@ -40,7 +40,8 @@ import ml_collections
 
 from experiments.configs import budgets
 from experiments.configs import digits_lenet5
-from experiments.configs.study_common import asr_config, base_study
+from experiments.configs.study_common import (asr_config, base_study,
+                                               fixer_settings)
 
 
 def get_config():
@@ -50,8 +51,7 @@ def get_config():
     pair.asr = asr_config(n_samples=200)
     pair.asr.eps = 0.08  # = pgd.EPSILONS["digits"]; see the module docstring
     c.pairs.digits_lenet5 = pair
-    c.fixers = ml_collections.ConfigDict(
-        {k: ml_collections.ConfigDict(v) for k, v in budgets.digits().items()})
+    c.fixers = fixer_settings(budgets.digits())
     c.time_budget_s = 240.0
     # The discussion figure: every post-processing combination of the
     # original with Apricot's fixed models (the paper's figure is Apricot on
