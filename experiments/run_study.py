@@ -1,43 +1,13 @@
-"""Runs (or resumes) a study: pairs × approaches × seeds -> DIR/results.jsonl.
+"""``python -m experiments.run_study`` = ``dlfix study``.
 
-  python -m experiments.run_study \
-      --config=experiments/configs/study_digits.py --workdir=runs/study_digits
-
-Rerunning skips every cell already in ``DIR/results.jsonl`` (a killed run
-resumes where it stopped); ``--force`` recomputes all cells (newer records
-supersede older ones). Then: ``python -m experiments.report --workdir=DIR``.
-See ``dlfix_jax.study.runner`` for statuses, budgets and timing.
+The flags and main live in :mod:`dlfix_jax.cli.study` (installed with the
+package), so the two never differ; ``--help`` lists the flags.
 """
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+import sys
 
-from dlfix_jax import progress
-from dlfix_jax.study import runner
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Study config file (experiments/configs/study_*.py).",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
-_FORCE = flags.DEFINE_bool("force", False,
-                           "Recompute cells that already have a record.")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.set_verbosity(logging.INFO)
-    progress.quiet_orbax()
-    config = _CONFIG.value
-    logging.info("study config:\n%s", config)
-    records = runner.run_study(config, _WORKDIR.value, force=_FORCE.value)
-    counts = {}
-    for r in records:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    logging.info("%d records in %s/results.jsonl: %s", len(records),
-                 _WORKDIR.value, counts)
-
+from dlfix_jax import cli
+from dlfix_jax.cli import study as _command
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run_command(_command, sys.argv)

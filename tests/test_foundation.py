@@ -84,3 +84,17 @@ class _Stream:
 
     def __len__(self):
         return sum(len(b) for b in self.batches)
+
+
+def test_metrics_do_not_import_the_study_layer():
+    """Layering: ``dlfix_jax.metrics`` sits below ``dlfix_jax.study``."""
+    import subprocess
+    import sys
+    code = ("import sys, dlfix_jax.metrics; "
+            "print([m for m in sys.modules if m.startswith('dlfix_jax.study')"
+            " or m.startswith('dlfix_jax.fixers')])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                         text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(
+                             os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]", out.stdout

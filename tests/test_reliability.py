@@ -704,3 +704,35 @@ def test_damaged_history_does_not_break_evaluating_the_model(done_run,
                        match="epoch checkpoint .*1.* is damaged") as e:
         checkpoint.load_model(str(wd), history=True)
     _one_line(e)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["experiments.run_study",
+      "--config=experiments/configs/study_digits.py", "--workdir={tmp}/s",
+      "--config.approaches=nope"], "unknown fixer 'nope'"),
+    (["experiments.train", "--config=experiments/configs/digits_lenet5.py",
+      "--workdir={tmp}/t", "--config.dataset.name=nope"], "'nope' is unknown"),
+    (["experiments.run_study",
+      "--config=experiments/configs/study_digits.py",
+      "--workdir={tmp}/afile"], "File exists"),
+])
+def test_expected_errors_are_one_line_without_traceback(tmp_path, argv,
+                                                        needle):
+    """Issue 11 item 13: an expected error prints one line naming it, exits
+    2, and shows no traceback (DLFIX_TRACEBACK=1 brings it back)."""
+    import subprocess
+    import sys
+    (tmp_path / "afile").write_text("")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m"] + [a.format(tmp=tmp_path) for a in argv]
+    env = {k: v for k, v in os.environ.items() if k != "DLFIX_TRACEBACK"}
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+    env["DLFIX_TRACEBACK"] = "1"
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode != 0 and "Traceback" in proc.stderr

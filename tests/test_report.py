@@ -153,8 +153,9 @@ def test_missing_or_empty_store_is_an_error(tmp_path):
     (tmp_path / "results.jsonl").write_text("")
     with pytest.raises(tables.ReportError, match="holds no records"):
         report.write_report(str(tmp_path))
-    (tmp_path / "results.jsonl").write_text('{"dataset": "d"}\n')
-    with pytest.raises(tables.ReportError, match=r":1: record lacks"):
+    # Only invalid records: each is skipped with a warning, then none left.
+    (tmp_path / "results.jsonl").write_text('{"dataset": "d"}\n[1, 2]\n')
+    with pytest.raises(tables.ReportError, match="holds no records"):
         report.write_report(str(tmp_path))
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.report",
@@ -162,3 +163,19 @@ def test_missing_or_empty_store_is_an_error(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no results store" in proc.stderr
+
+
+def test_invalid_lines_are_skipped_and_a_newline_less_record_counts(
+        tmp_path, caplog):
+    """Issue 11 items 9-10: a JSON line that is not a record is skipped with
+    a warning naming the line (not a refusal of the whole store); a
+    complete last record without its newline is read, not dropped."""
+    good = [_rec("digits", "arachne", "AR", s, acc=90.0 + s) for s in (0, 1)]
+    text = (json.dumps(good[0]) + "\n" + '{"key": "only/a/key/0"}\n'
+            + "not json\n" + json.dumps(good[1]))  # no trailing newline
+    (tmp_path / "results.jsonl").write_text(text)
+    with caplog.at_level("WARNING"):
+        recs = tables.load_records(str(tmp_path))
+    assert sorted(r["seed"] for r in recs) == [0, 1]
+    assert any(":2: record lacks" in m for m in caplog.messages)
+    assert any(":3:" in m and "not JSON" in m for m in caplog.messages)

@@ -380,3 +380,20 @@ def test_changed_fixer_config_makes_new_cells(tmp_path, base_dir):
     third = runner.run_study(c2, str(wd))
     assert {r["variant"] for r in third}.isdisjoint(
         {r["variant"] for r in first})
+
+
+def test_refused_run_on_a_locked_workdir_changes_nothing(tmp_path, base_dir):
+    """Issue 11 item 8: a run refused by the store lock leaves config.json
+    (and everything else) as it was."""
+    wd = _workdir(tmp_path, base_dir)
+    runner.run_study(tiny_config(["fake_vmap"], num_seeds=1), str(wd))
+    before = (wd / "config.json").read_bytes()
+    c = tiny_config(["fake_vmap"], num_seeds=1)
+    c.seed = 99
+    with store_lib.Store(str(wd)).lock():
+        with pytest.raises(RuntimeError, match="another process"):
+            runner.run_study(c, str(wd))
+    assert (wd / "config.json").read_bytes() == before
+    # Fixer settings are typed: a wrong type is refused when it is set.
+    with pytest.raises(TypeError, match="scale"):
+        c.fixers.fake_vmap.scale = "big"

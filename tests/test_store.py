@@ -128,3 +128,27 @@ def test_json_safe_misc():
         {"a": [1, 2.0, None]}
     assert math.isclose(store_lib.json_safe(np.float64(0.1)), 0.1)
     assert store_lib.json_safe(object).startswith("<class")
+
+
+def test_complete_record_without_newline_is_kept(tmp_path):
+    """A complete last record that lost only its newline is kept (the
+    newline is restored under the lock), not deleted and recomputed."""
+    s = store_lib.Store(str(tmp_path))
+    s.append(_rec(0))
+    with open(s.path, "ab") as f:
+        f.write(json.dumps(_rec(1)).encode())  # no newline
+    assert len(store_lib.Store(str(tmp_path)).all_records()) == 2
+    assert open(s.path, "rb").read().endswith(b"\n")
+    assert store_lib.Store(str(tmp_path)).completed_keys() == {
+        _rec(0)["key"], _rec(1)["key"]}
+
+
+def test_record_without_status_is_skipped_not_fatal(tmp_path, caplog):
+    s = store_lib.Store(str(tmp_path))
+    s.append(_rec(0))
+    with open(s.path, "ab") as f:
+        f.write(b'{"key": "digits/lenet5/x/0"}\n')
+    with caplog.at_level("WARNING"):
+        recs = s.all_records()
+    assert [r["key"] for r in recs] == [_rec(0)["key"]]
+    assert any("line 2 ignored" in m for m in caplog.messages)

@@ -90,6 +90,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlfix_jax import fileio
 from dlfix_jax.models import base
 from dlfix_jax.models import zoo
 from dlfix_jax.models.layers import LayerSpec, spec
@@ -603,3 +604,165 @@ def _load(path: str, input_shape):
                            output_softmax=output_softmax)
     _check_against_init(model, variables, path)
     return model, variables
+
+
+# --------------------------------------------------------------------------
+# Export: our sequential models back to a Keras .h5 file.
+
+# tf.keras 2.x layout (``model_weights/<layer>/<layer>/<weight>:0``): tf_keras
+# writes it and Keras 3's legacy-h5 loader reads it, so one file serves both.
+_EXPORT_KERAS_VERSION = "2.15.0"
+
+
+def _export_layer(s: LayerSpec, activation: str | None) -> dict:
+    """Keras-2 ``{"class_name", "config"}`` of one layer spec."""
+    o = s.opts
+    common = {"name": s.name, "trainable": True, "dtype": "float32"}
+    if s.kind == "conv":
+        pad = o.get("padding", "VALID")
+        if not isinstance(pad, str):
+            raise KerasImportError(
+                f"layer {s.name!r}: explicit padding {pad!r} has no Keras "
+                f"equivalent; only VALID / SAME can be exported")
+        return {"class_name": "Conv2D", "config": dict(
+            common, filters=int(o["features"]),
+            kernel_size=[int(v) for v in o["kernel"]],
+            strides=[int(v) for v in o.get("strides", (1, 1))],
+            padding=pad.lower(), data_format="channels_last",
+            dilation_rate=[1, 1], groups=1,
+            activation=activation or "linear",
+            use_bias=bool(o.get("use_bias", True)))}
+    if s.kind == "dense":
+        return {"class_name": "Dense", "config": dict(
+            common, units=int(o["features"]),
+            activation=activation or "linear",
+            use_bias=bool(o.get("use_bias", True)))}
+    if s.kind == "bn":
+        return {"class_name": "BatchNormalization", "config": dict(
+            common, axis=-1, momentum=float(o.get("momentum", 0.99)),
+            epsilon=float(o.get("epsilon", 1e-3)),
+            center=bool(o.get("use_bias", True)),
+            scale=bool(o.get("use_scale", True)))}
+    if s.kind == "relu":
+        return {"class_name": "Activation",
+                "config": dict(common, activation="relu")}
+    if s.kind in ("maxpool", "avgpool"):
+        window = [int(v) for v in o["window"]]
+        strides = o.get("strides")
+        return {"class_name": ("MaxPooling2D" if s.kind == "maxpool"
+                               else "AveragePooling2D"),
+                "config": dict(common, pool_size=window,
+                               strides=[int(v) for v in strides] if strides
+                               else window,
+                               padding=o.get("padding", "VALID").lower(),
+                               data_format="channels_last")}
+    if s.kind == "gap":
+        return {"class_name": "GlobalAveragePooling2D",
+                "config": dict(common, data_format="channels_last",
+                               keepdims=False)}
+    if s.kind == "flatten":
+        return {"class_name": "Flatten",
+                "config": dict(common, data_format="channels_last")}
+    if s.kind == "dropout":
+        return {"class_name": "Dropout", "config": dict(
+            common, rate=float(o["rate"]), noise_shape=None, seed=None)}
+    raise KerasImportError(f"layer {s.name!r}: kind {s.kind!r} cannot be "
+                           f"exported")
+
+
+def _export_weights(s: LayerSpec, variables: dict) -> list[tuple[str, Any]]:
+    """``[(Keras weight base name, array)]`` of one layer, in Keras order."""
+    if s.kind in ("conv", "dense"):
+        p = variables["params"][s.name]
+        out = [("kernel", p["kernel"])]
+        if s.opts.get("use_bias", True):
+            out.append(("bias", p["bias"]))
+        return out
+    if s.kind == "bn":
+        p = variables.get("params", {}).get(s.name, {})
+        b = variables["batch_stats"][s.name]
+        out = []
+        if s.opts.get("use_scale", True):
+            out.append(("gamma", p["scale"]))
+        if s.opts.get("use_bias", True):
+            out.append(("beta", p["bias"]))
+        return out + [("moving_mean", b["mean"]),
+                      ("moving_variance", b["var"])]
+    return []
+
+
+def _string_array(names: Sequence[str]):
+    if not names:
+        return np.asarray([], dtype=np.float64)  # as tf.keras writes it
+    return np.asarray([n.encode("utf-8") for n in names])
+
+
+def export_h5(model: base.Model, variables: dict[str, Any],
+              path: str | os.PathLike) -> None:
+    """Writes a sequential ``model`` with ``variables`` as a Keras ``.h5``.
+
+    The file has the tf.keras 2.x layout (what ``tf_keras`` writes), which
+    ``tf_keras.models.load_model`` and Keras 3's ``keras.models.load_model``
+    both read; their predictions equal ours within float32 round-off (the
+    probabilities when ``model.output_softmax``, else the logits). Layer
+    names are kept (a ``relu`` layer becomes ``Activation("relu")``), so
+    :func:`load` gives back the same layers and variables. A softmax is
+    written when ``model.output_softmax`` is set: fused into a last Dense
+    layer, else as an ``Activation("softmax")`` layer. Written with h5py
+    only (no TensorFlow, nothing pickled), atomically.
+
+    Raises:
+      KerasImportError: the model is not sequential, or has a layer or
+        option Keras cannot express (explicit padding amounts).
+    """
+    path = os.fspath(path)
+    if not model.is_sequential:
+        raise KerasImportError(
+            f"model {model.name!r} is not sequential; only sequential models "
+            f"can be exported to Keras .h5")
+    specs = list(model.layers)
+    layer_cfgs = [{"class_name": "InputLayer", "config": {
+        "batch_input_shape": [None] + [int(v) for v in model.input_shape],
+        "dtype": "float32", "sparse": False, "ragged": False,
+        "name": "input_1"}}]
+    names = {s.name for s in specs}
+    for i, s in enumerate(specs):
+        last = i == len(specs) - 1
+        act = ("softmax" if last and model.output_softmax
+               and s.kind == "dense" else None)
+        layer_cfgs.append(_export_layer(s, act))
+    if model.output_softmax and specs[-1].kind != "dense":
+        name, k = "softmax", 1
+        while name in names:
+            name, k = f"softmax_{k}", k + 1
+        layer_cfgs.append({"class_name": "Activation", "config": {
+            "name": name, "trainable": True, "dtype": "float32",
+            "activation": "softmax"}})
+    config = {"class_name": "Sequential",
+              "config": {"name": "sequential", "layers": layer_cfgs}}
+    weights = {s.name: _export_weights(s, variables) for s in specs}
+    layer_names = [c["config"]["name"] for c in layer_cfgs[1:]]
+
+    import io
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        f.attrs["backend"] = "tensorflow"
+        f.attrs["keras_version"] = _EXPORT_KERAS_VERSION
+        f.attrs["model_config"] = json.dumps(config)
+        g = f.create_group("model_weights")
+        g.attrs["backend"] = "tensorflow"
+        g.attrs["keras_version"] = _EXPORT_KERAS_VERSION
+        g.attrs["layer_names"] = _string_array(layer_names)
+        for name in layer_names:
+            lg = g.create_group(name)
+            ws = weights.get(name, [])
+            lg.attrs["weight_names"] = _string_array(
+                [f"{name}/{w}:0" for w, _ in ws])
+            if ws:
+                inner = lg.create_group(name)
+                for w, arr in ws:
+                    inner.create_dataset(f"{w}:0",
+                                         data=np.asarray(arr, np.float32))
+        g.create_group("top_level_model_weights").attrs[
+            "weight_names"] = _string_array([])
+    fileio.atomic_write_bytes(path, buf.getvalue())

@@ -130,11 +130,17 @@ def load_records(workdir: str) -> list[dict]:
         data = f.read()
     lines = data.split(b"\n")
     if lines and lines[-1].strip():
-        logging.warning("%s: ignoring a torn trailing line (%d bytes, no "
-                        "newline): a write in progress or a crash", path,
-                        len(lines[-1]))
-    lines = lines[:-1]
+        try:  # a complete record that only lost its newline still counts
+            json.loads(lines[-1])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            logging.warning("%s: ignoring a torn trailing line (%d bytes, "
+                            "no newline): a write in progress or a crash",
+                            path, len(lines[-1]))
+            lines = lines[:-1]
+    else:
+        lines = lines[:-1]
     by_key: dict[str, dict] = {}
+    skipped = 0
     for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -144,11 +150,18 @@ def load_records(workdir: str) -> list[dict]:
             logging.warning("%s:%d: skipping a line that is not JSON (%s)",
                             path, lineno, e)
             continue
-        _validate(rec, path, lineno)
+        try:
+            _validate(rec, path, lineno)
+        except ReportError as e:
+            logging.warning("skipping an invalid record: %s", e)
+            skipped += 1
+            continue
         key = rec.get("key") or "/".join(
             str(rec.get(k)) for k in ("dataset", "model", "approach", "seed"))
         by_key.pop(key, None)  # newest last, in file order
         by_key[key] = rec
+    if skipped:
+        logging.warning("%s: %d invalid record(s) skipped", path, skipped)
     if not by_key:
         raise ReportError(f"the results store {path} holds no records")
     return list(by_key.values())

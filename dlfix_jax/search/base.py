@@ -132,7 +132,7 @@ def stop_ftol(ftol: float, ftol_iter: int) -> StopRule:
 def run(strategy: Strategy, key: jax.Array,
         fitness_fn: Callable[[jax.Array], jax.Array], x0: jax.Array, *,
         max_generations: int, stop: StopRule | None = None,
-        maximize: bool = True) -> SearchResult:
+        maximize: bool = True, return_state: bool = False):
     """Runs ``strategy`` from the (P, k) population ``x0``.
 
     Args:
@@ -143,9 +143,12 @@ def run(strategy: Strategy, key: jax.Array,
       max_generations: generation budget (>= 0).
       stop: early-stop rule (default: none).
       maximize: maximise (True) or minimise the fitness.
+      return_state: also return the strategy's final state (e.g. the GA's
+        last population; its scores are in the maximised sign).
 
     Returns:
-      :class:`SearchResult` in the caller's sign convention.
+      :class:`SearchResult` in the caller's sign convention, or
+      ``(SearchResult, final_state)`` when ``return_state``.
     """
     if int(max_generations) < 0:
         raise ValueError(f"max_generations must be >= 0, got {max_generations}")
@@ -176,7 +179,8 @@ def run(strategy: Strategy, key: jax.Array,
     c = jax.lax.while_loop(cond, body, c)
     code = jnp.where(c["stop"], stop.code, STOP_MAX_GENERATIONS)
     st = c["st"]
-    return SearchResult(
+    res = SearchResult(
         best_x=st.best_x, best_fitness=sign * st.best_s,
         generations=c["gen"], trace=sign * c["trace"],
         stop_reason=jnp.int32(code), evaluations=st.evaluations)
+    return (res, st) if return_state else res

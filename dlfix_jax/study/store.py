@@ -92,6 +92,45 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def invalid_reason(rec: Any) -> str | None:
+    """Why ``rec`` is not a usable record (None: it is one): a JSON object
+    with a string ``key`` and a known ``status``."""
+    if not isinstance(rec, dict):
+        return "not a JSON object"
+    if not isinstance(rec.get("key"), str) or not rec["key"]:
+        return "no key"
+    if rec.get("status") not in STATUSES:
+        return f"status {rec.get('status')!r} is not one of {STATUSES}"
+    return None
+
+
+def _complete_record(raw: bytes) -> dict | None:
+    """``raw`` parsed when it is one complete, valid record, else None."""
+    if not raw.strip():
+        return None
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    return rec if invalid_reason(rec) is None else None
+
+
+def _last_piece(f, size: int) -> bytes:
+    """The bytes after the last newline of the open file ``f``."""
+    pos = size
+    while pos > 0:
+        step = min(65536, pos)
+        pos -= step
+        f.seek(pos)
+        block = f.read(step)
+        i = block.rfind(b"\n")
+        if i >= 0:
+            f.seek(pos + i + 1)
+            return f.read(size - (pos + i + 1))
+    f.seek(0)
+    return f.read(size)
+
+
 class Store:
     """The append-only JSONL store in ``directory``.
 
@@ -125,6 +164,17 @@ class Store:
                 return 0
             f.seek(size - 1)
             if f.read(1) == b"\n":
+                return 0
+            tail = _last_piece(f, size)
+            if _complete_record(tail) is not None:
+                # A complete record that lost only its newline (a crash
+                # between the bytes, or an editor): keep it.
+                f.seek(size)
+                f.write(b"\n")
+                f.flush()
+                os.fsync(f.fileno())
+                log.warning("results store %s: completed a trailing record "
+                            "that lacked its newline", self.path)
                 return 0
             # Find the last newline by reading backwards in blocks.
             pos, keep = size, 0
@@ -210,7 +260,10 @@ class Store:
             data = f.read()
         out = []
         lines = data.split(b"\n")
-        for n, line in enumerate(lines[:-1], 1):  # last piece: after final \n
+        # The last piece (after the final newline) counts only when it is a
+        # complete record that lost its newline, never a partial line.
+        last = lines[-1] if _complete_record(lines[-1]) is not None else b""
+        for n, line in enumerate(lines[:-1] + [last], 1):
             if not line.strip():
                 continue
             try:
@@ -219,9 +272,10 @@ class Store:
                 log.warning("results store %s: line %d is not valid JSON; "
                             "ignored", self.path, n)
                 continue
-            if not isinstance(rec, dict) or "key" not in rec:
-                log.warning("results store %s: line %d has no key; ignored",
-                            self.path, n)
+            why = invalid_reason(rec)
+            if why:
+                log.warning("results store %s: line %d ignored: %s",
+                            self.path, n, why)
                 continue
             out.append(rec)
         return out

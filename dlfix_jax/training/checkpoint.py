@@ -13,8 +13,10 @@ Formats (never pickle):
 * **Resume state** (``<workdir>/resume.msgpack``, written by
   :mod:`dlfix_jax.training.train` after each epoch, removed when the run
   completes): optimiser state and step of the last complete epoch.
-* **A model**: :func:`load_model` takes either a training workdir of ours
-  (``metrics.json`` or ``config.json`` + ``variables.msgpack``) or a Keras
+* **A model**: :func:`load_model` takes a training workdir of ours
+  (``metrics.json`` or ``config.json`` + ``variables.msgpack``), a fixed
+  model written by ``dlfix fix`` (``<workdir>/<approach>/seed<s>``:
+  ``model.json`` + ``variables.msgpack``, :func:`save_model`) or a Keras
   ``.h5`` file (through :mod:`dlfix_jax.models.keras_h5`). It reads no
   epoch checkpoint unless asked (``history=``), so evaluating a model never
   depends on its history; damaged checkpoints, variables or JSON files
@@ -38,6 +40,7 @@ VARIABLES_FILE = "variables.msgpack"
 METRICS_FILE = "metrics.json"
 CONFIG_FILE = "config.json"
 CHECKPOINT_DIR = "checkpoints"
+MODEL_FILE = "model.json"
 
 
 class CheckpointError(Exception):
@@ -279,13 +282,114 @@ def model_from_workdir(workdir: str):
         f"{METRICS_FILE} nor {CONFIG_FILE}")
 
 
+def model_to_json(model) -> dict:
+    """A JSON description of ``model``'s architecture (no weights).
+
+    Sequential models (the zoo's and every Keras import) are stored layer by
+    layer, so :func:`model_from_json` rebuilds them without their source
+    file; other models by their registered zoo name.
+    """
+    from dlfix_jax import models
+    d = {"name": model.name, "num_classes": int(model.num_classes),
+         "input_shape": [int(v) for v in model.input_shape],
+         "output_softmax": bool(model.output_softmax), "layers": None}
+    if model.is_sequential:
+        d["layers"] = [{"kind": s.kind, "name": s.name,
+                        "options": {k: _lists(v) for k, v in s.options}}
+                       for s in model.layers]
+    elif model.name not in models.names():
+        raise ValueError(f"model {model.name!r} is neither sequential nor a "
+                         f"registered zoo model; it cannot be described")
+    return d
+
+
+def _lists(v):
+    return [_lists(x) for x in v] if isinstance(v, (tuple, list)) else v
+
+
+def model_from_json(d: dict, where: str = "model.json"):
+    """Inverse of :func:`model_to_json`; CheckpointError when malformed."""
+    from dlfix_jax import models
+    try:
+        shape = tuple(int(v) for v in d["input_shape"])
+        if d.get("layers") is None:
+            return models.get(d["name"], num_classes=int(d["num_classes"]),
+                              input_shape=shape)
+        specs = [models.spec(lay["kind"], lay["name"],
+                             **{k: _tuples(v) for k, v in
+                                lay["options"].items()})
+                 for lay in d["layers"]]
+        return models.sequential(d["name"], specs, shape,
+                                 int(d["num_classes"]),
+                                 output_softmax=bool(d["output_softmax"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{where!r} is not a model description "
+                              f"written by save_model: {e}") from e
+
+
+def _tuples(v):
+    """JSON lists back to (nested) tuples, as layer options hold them."""
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def save_model(directory: str, model, variables: dict) -> None:
+    """Writes ``directory/model.json`` (architecture) and
+    ``directory/variables.msgpack``: a directory :func:`load_model` reads
+    back on its own (the per-seed output of ``dlfix fix``)."""
+    os.makedirs(directory, exist_ok=True)
+    save_variables(os.path.join(directory, VARIABLES_FILE), variables)
+    atomic_write_json(os.path.join(directory, MODEL_FILE),
+                      model_to_json(model))
+
+
+def _seed_dirs(path: str) -> list[str]:
+    seeds = []
+    for name in os.listdir(path):
+        sub = os.path.join(path, name)
+        if (name.startswith("seed") and name[4:].isdigit()
+                and os.path.isfile(os.path.join(sub, VARIABLES_FILE))):
+            seeds.append((int(name[4:]), sub))
+    return [p for _, p in sorted(seeds)]
+
+
+def fixed_model_dirs(path: str) -> list[str]:
+    """The fixed models under a ``dlfix fix`` output directory.
+
+    ``<workdir>/<approach>`` gives its ``seed0``, ``seed1``, ... in seed
+    order; ``<workdir>`` gives those of every approach in it (by approach
+    name; ``base`` is not a fixed model). Anything else (a model directory,
+    a file, a missing path) gives ``[path]``.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path) or os.path.isfile(
+            os.path.join(path, VARIABLES_FILE)):
+        return [path]
+    seeds = _seed_dirs(path)
+    if not seeds:
+        for name in sorted(os.listdir(path)):
+            sub = os.path.join(path, name)
+            if os.path.isdir(sub) and name != "base":
+                seeds.extend(_seed_dirs(sub))
+    return seeds or [path]
+
+
+def _keras_native_error(path: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path!r} is a native Keras .keras archive, which dlfix_jax does not "
+        f"read; save the model as HDF5 in Keras "
+        f"(keras.models.load_model(path).save('model.h5')) and pass the .h5")
+
+
 def load_model(path: str, history: bool | int = False):
     """Loads a model from a training workdir of ours or a Keras ``.h5`` file.
 
     Args:
       path: a directory written by
-        :func:`dlfix_jax.training.train.train_and_evaluate` (or
-        ``experiments/train.py``), or a Keras HDF5 file (``.h5``/``.hdf5``).
+        :func:`dlfix_jax.training.train.train_and_evaluate` (``dlfix
+        train``), a fixed model's directory written by :func:`save_model`
+        (``dlfix fix``: ``<workdir>/<approach>/seed<s>``), or a Keras HDF5
+        file (``.h5``/``.hdf5``). A native ``.keras`` archive is refused
+        with a message saying to save it as ``.h5``.
       history: False (default) loads no epoch checkpoint, so evaluating
         a model never reads (or is broken by) its training history; True
         loads every epoch's checkpoint, an int ``k`` the last ``k`` (big
@@ -307,7 +411,9 @@ def load_model(path: str, history: bool | int = False):
             f"model path {path!r} does not exist (expected a training workdir "
             f"with {VARIABLES_FILE} and {METRICS_FILE}, or a Keras .h5 file)")
     if os.path.isfile(path):
-        if path.lower().endswith((".h5", ".hdf5", ".keras")) or _is_hdf5(path):
+        if path.lower().endswith(".keras") and not _is_hdf5(path):
+            raise _keras_native_error(path)
+        if path.lower().endswith((".h5", ".hdf5")) or _is_hdf5(path):
             from dlfix_jax.models import keras_h5  # lazy: h5py import
             model, variables = keras_h5.load(path)
             return model, variables, None
@@ -316,11 +422,19 @@ def load_model(path: str, history: bool | int = False):
             f"training workdir or a .h5 file")
     var_path = os.path.join(path, VARIABLES_FILE)
     if not os.path.isfile(var_path):
+        seeds = fixed_model_dirs(path)
+        hint = (f"; it holds fixed models, pass one of them, e.g. "
+                f"{seeds[0]!r}" if seeds != [path] else "")
         raise CheckpointError(
             f"{path!r} is a directory without {VARIABLES_FILE}: not a "
-            f"finished training workdir (train with `python -m "
-            f"experiments.train --config=... --workdir={path}`)")
-    model = model_from_workdir(path)
+            f"finished training workdir (train with `dlfix train "
+            f"--config=... --workdir={path}`) nor a fixed model written by "
+            f"`dlfix fix`{hint}")
+    model_path = os.path.join(path, MODEL_FILE)
+    if os.path.isfile(model_path):
+        model = model_from_json(read_json(model_path), model_path)
+    else:
+        model = model_from_workdir(path)
     target = jax.eval_shape(model.init, jax.random.key(0))
     variables = load_variables(var_path, target=target)
     hist = None
