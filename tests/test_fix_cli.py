@@ -48,6 +48,20 @@ def test_ra_two_seeds_writes_models_and_metrics(workdir):
     assert np.isfinite(np.asarray(v["params"]["dense3"]["kernel"])).all()
 
 
+def test_rerun_with_fewer_seeds_leaves_no_stale_models(workdir):
+    """Issue 11 item 11: a rerun with fewer seeds removes the old seed
+    directories, so what is on disk matches the new metrics.json."""
+    status, _ = fix_cli.run(_config(), "ra", 2, workdir,
+                            overrides=["num_passing=50", "margin=0.05"])
+    assert status == 0
+    assert os.path.isdir(os.path.join(workdir, "ra", "seed1"))
+    status, m = fix_cli.run(_config(), "ra", 1, workdir,
+                            overrides=["num_passing=50"])
+    assert status == 0 and len(m["seeds"]) == 1
+    assert sorted(p for p in os.listdir(os.path.join(workdir, "ra"))
+                  if p.startswith("seed")) == ["seed0"]
+
+
 def test_apricot_tiny_budget(workdir):
     status, m = fix_cli.run(_config(), "apricot", 1, workdir, overrides=[
         "num_rdlms=3", "rdlm_per_class=20", "rdlm_epochs=2", "rdlm_batch_size=50",

@@ -16,6 +16,7 @@ here, decides what runs):
 
 import json
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -102,10 +103,8 @@ def test_fixer_contract(name):
     key = jax.random.key(1)
     res = spec_.fix(key, problem, cfg)
     jax.block_until_ready(res.variables)
-    assert (jax.tree_util.tree_structure(res.variables)
-            == jax.tree_util.tree_structure(variables))
-    for leaf in jax.tree_util.tree_leaves(res.variables):
-        assert np.all(np.isfinite(np.asarray(leaf)))
+    chex.assert_trees_all_equal_shapes_and_dtypes(res.variables, variables)
+    chex.assert_tree_all_finite(res.variables)
 
     with timing.Timer() as t:
         res2 = spec_.fix(key, problem, cfg)

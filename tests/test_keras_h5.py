@@ -22,9 +22,11 @@ pytestmark = pytest.mark.filterwarnings(
 
 
 def _framework(name):
-    if name == "tf_keras":
-        return pytest.importorskip("tf_keras")
-    return pytest.importorskip("keras")
+    K = pytest.importorskip("tf_keras" if name == "tf_keras" else "keras")
+    # Fresh layer-name counters ("dense", not "dense_1"), whatever other
+    # tests in this process built before.
+    K.backend.clear_session()
+    return K
 
 
 def _input(K, shape):

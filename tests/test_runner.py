@@ -397,3 +397,49 @@ def test_refused_run_on_a_locked_workdir_changes_nothing(tmp_path, base_dir):
     # Fixer settings are typed: a wrong type is refused when it is set.
     with pytest.raises(TypeError, match="scale"):
         c.fixers.fake_vmap.scale = "big"
+
+
+def test_raising_num_seeds_equals_a_fresh_run(tmp_path, base_dir):
+    """Issue 11 item 5: after raising num_seeds, every seed's metrics (ASR
+    included, whose PGD sample is shared by the seeds of a cell) equal
+    those of a fresh run with that many seeds; no duplicate lines remain."""
+    grown = _workdir(tmp_path / "grown", base_dir)
+    fresh = _workdir(tmp_path / "fresh", base_dir)
+    runner.run_study(tiny_config(["fake_vmap"], num_seeds=1, asr=True),
+                     str(grown))
+    got = runner.run_study(tiny_config(["fake_vmap"], num_seeds=2, asr=True),
+                           str(grown))
+    want = runner.run_study(tiny_config(["fake_vmap"], num_seeds=2,
+                                        asr=True), str(fresh))
+    assert [_strip(r) for r in got] == [_strip(r) for r in want]
+    keys = [r["key"] for r in store_lib.Store(str(grown)).all_records()]
+    assert len(keys) == len(set(keys)) == 2
+
+
+def test_brought_base_model_is_fixed_as_it_is(tmp_path, base_dir):
+    """``pair.base`` (``dlfix study --base``): a training workdir or Keras
+    .h5 is fixed without training anything; its content is part of the
+    cells' identity."""
+    from dlfix_jax.cli import study as study_cli
+    trained = runner.run_study(tiny_config(["fake_vmap"], num_seeds=1),
+                               str(_workdir(tmp_path / "a", base_dir)))
+    wd = tmp_path / "brought"
+    c = study_cli.with_base(tiny_config(["fake_vmap"], num_seeds=1),
+                            str(base_dir / "base" / "digits_lenet5"))
+    brought = runner.run_study(c, str(wd))
+    assert not (wd / "base").exists()  # nothing trained
+    assert brought[0]["metrics"]["acc"] == trained[0]["metrics"]["acc"]
+    assert brought[0]["variant"] != trained[0]["variant"]
+    two = tiny_config(["fake_vmap"])
+    two.pairs.other = two.pairs.digits_lenet5
+    with pytest.raises(ValueError, match="one pair"):
+        study_cli.with_base(two, "x.h5")
+
+
+def test_artifact_study_config_points_at_the_study_model():
+    from experiments.configs import study_mnist_artifact
+    c = study_mnist_artifact.get_config()
+    assert c.pairs.mnist_lenet5.base.endswith(
+        os.path.join("fixingstudy", "mnist_lenet5_original.h5"))
+    for name in fixers.names():
+        assert name in c.fixers

@@ -22,7 +22,24 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _FORCE = flags.DEFINE_bool("force", False,
                            "Recompute cells that already have a record.")
+_BASE = flags.DEFINE_string(
+    "base", None, "Fix this model instead of training one: a training "
+    "workdir or a Keras .h5 (never retrained). The config must have one "
+    "(dataset, model) pair; its dataset settings are used.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def with_base(config, base: str):
+    """``config`` with its single pair's ``base`` set to ``base``."""
+    if len(config.pairs) != 1:
+        raise ValueError(f"--base needs a study config with one pair; this "
+                         f"one has {len(config.pairs)}: "
+                         f"{sorted(config.pairs)}")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for pair in config.pairs.values():
+            pair.base = base
+    return config
 
 
 def main(argv):
@@ -31,6 +48,8 @@ def main(argv):
     logging.set_verbosity(logging.INFO)
     progress.quiet_orbax()
     config = _CONFIG.value
+    if _BASE.value:
+        config = with_base(config, _BASE.value)
     logging.info("study config:\n%s", config)
     records = runner.run_study(config, _WORKDIR.value, force=_FORCE.value)
     counts = {}

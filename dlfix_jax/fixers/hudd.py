@@ -77,6 +77,11 @@ Deviations
   permutation; bag draws use a numpy generator seeded from the key.
 * Training data are shuffled by the shared loop (epochs of one
   permutation, the last partial batch filled from its start).
+* With no root-cause cluster (too few failing inputs, or only singleton
+  clusters) the unsafe set is empty and the retraining runs on the
+  training set alone: plain fine-tuning with HUDD's optimiser, selected by
+  its rule (the original would crash or stop there). ``info`` shows it:
+  ``n_unsafe = 0`` and ``knee`` code 3 when there were too few inputs.
 
 Applicability: sequential models whose layer kinds have an LRP rule
 (:func:`dlfix_jax.fixers._lrp.supports`); ResNet18 and DenseNet121 are

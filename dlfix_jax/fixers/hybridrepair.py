@@ -104,6 +104,7 @@ import numpy as np
 import optax
 from sklearn import cluster as sk_cluster
 from sklearn import neighbors
+from sklearn.metrics import pairwise_distances_argmin
 
 from dlfix_jax import predict as predict_lib
 from dlfix_jax import progress as progress_lib
@@ -297,8 +298,9 @@ def hybrid_clusters(feats: np.ndarray, budget: int, min_samples: int,
     km = sk_cluster.KMeans(n_clusters=k, n_init=n_init,
                            random_state=seed).fit(z[keep])
     clusters = [keep[km.labels_ == c] for c in range(k)]
-    d = ((z[:, None, :] - km.cluster_centers_[None]) ** 2).sum(-1)
-    centres = np.argmin(d, axis=0)
+    # The pool input nearest to each k-means centre, without the
+    # (pool x clusters x width) difference array (GBs at the study's sizes).
+    centres = pairwise_distances_argmin(km.cluster_centers_, z)
     return clusters, centres, n_noise
 
 

@@ -203,6 +203,12 @@ def applicable(info: base.ProblemInfo) -> str | None:
     dense = [i for i, s in enumerate(model.layers) if s.kind == "dense"]
     if not dense:
         return f"model {model.name!r} has no Dense layer to modify"
+    no_bias = [s.name for s in model.layers
+               if s.kind == "dense" and not s.opts.get("use_bias", True)]
+    if no_bias:
+        return (f"model {model.name!r} has Dense layers without a bias "
+                f"{no_bias}; 3M's queries give each modified layer a bias "
+                "variable (not supported)")
     if any(s.kind not in ("flatten", "dropout")
            for s in model.layers[dense[-1] + 1:]):
         return (f"model {model.name!r}: its last Dense layer does not "

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import time
 
@@ -51,6 +52,20 @@ from dlfix_jax.study import runner
 from dlfix_jax.training import checkpoint, train
 
 EXIT_FAILED, EXIT_UNADAPTABLE = 1, 3
+
+
+def _clear_outputs(out_dir: str) -> None:
+    """Removes a previous run's ``seed*/`` and ``metrics.json`` from
+    ``out_dir`` (after every check has passed), so a rerun with fewer seeds
+    or another config never leaves stale models beside the new metrics."""
+    old = os.path.join(out_dir, "metrics.json")
+    if os.path.exists(old):
+        os.remove(old)  # first: a crash below leaves no stale summary
+    for name in sorted(os.listdir(out_dir)):
+        path = os.path.join(out_dir, name)
+        if (name.startswith("seed") and name[4:].isdigit()
+                and os.path.isdir(path)):
+            shutil.rmtree(path)
 
 
 def dataset_config(name: str, data_dir: str | None = None, data_seed: int = 0,
@@ -173,6 +188,7 @@ def run(config, approach: str, num_seeds: int, workdir: str,
         return EXIT_UNADAPTABLE, {}
 
     problem = fixers.make_problem(model, variables, ds, history=history)
+    _clear_outputs(out_dir)
     keys = runner.seed_keys(config, num_seeds)
     logging.info("%s on %s/%s: %d failing / %d passing repair inputs, %d "
                  "seeds (%s)", approach, ds.name, model.name,

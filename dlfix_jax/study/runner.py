@@ -558,15 +558,21 @@ def _pair_items(config) -> list[tuple[str, Any]]:
 
 def cell_variant(fixer_cfg, pair_cfg, config) -> str:
     """A short hash of what makes a cell: the fixer's full config, the base
-    model's training config (which determines the base model), the study
-    seed and the pair's ASR settings. Part of the cell key, so a changed
+    model (a brought one's content, ``pair.base``; else its training
+    config, which determines the model the study trains), the study seed
+    and the pair's ASR settings. Part of the cell key, so a changed
     config computes new cells instead of returning old ones. Not included:
     the time budget and batch sizes (they change how, not what, is
     computed)."""
+    base = pair_base(pair_cfg)
     what = {"fixer": fileio.json_safe(fixer_cfg.to_dict()
                                       if hasattr(fixer_cfg, "to_dict")
                                       else dict(fixer_cfg)),
-            "train": fileio.json_safe(pair_cfg.train.to_dict()),
+            # A brought base model: its content; else the training config
+            # (which determines the model the study trains).
+            "base": base_fingerprint(base) if base else None,
+            "train": (fileio.json_safe(pair_cfg.train.dataset.to_dict())
+                      if base else fileio.json_safe(pair_cfg.train.to_dict())),
             "asr": fileio.json_safe(pair_cfg.asr.to_dict())
             if "asr" in pair_cfg else None,
             "seed": int(config.seed)}
@@ -647,6 +653,7 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
                      len(grid) * S - todo, store.path)
         progress = _Progress(todo)
         loaded = {}
+        superseded = 0
         for pname, ds_name, m_name, a, var, missing in grid:
             if not missing:
                 logging.info("skip %s/%s/%s: all %d seeds recorded", ds_name,
@@ -662,7 +669,14 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
                 spec, model, variables, dataset, problem, pcfg, config, keys,
                 budget, strategy, _ensembles_for(config, a, combos),
                 jax.random.fold_in(root, STREAM_EVAL), progress, var)
-            keep = [r for r in recs if r["seed"] in set(missing)]
+            # Every seed of the approach was fixed again (deterministic per
+            # seed key) and evaluated together, on one shared PGD sample.
+            # Seeds recorded before are superseded by these records, so all
+            # seeds of a cell share the sample whatever their number
+            # (issue 11 item 5: raising num_seeds used to keep old seeds'
+            # ASR measured on the old, smaller sample).
+            keep = recs
+            superseded += len(recs) - len(missing)
             store.append_many(keep)
             for r in keep:
                 m = r["metrics"]
@@ -672,7 +686,7 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
                     f" ({r['reason']})" if r["reason"] else "",
                     _f(m.get("acc")), _f(m.get("rr")), _f(m.get("nfr")),
                     _f(m.get("asr")))
-        if force:
+        if force or superseded:
             removed = store.compact()
             if removed:
                 logging.info("compacted %s: %d superseded records removed",
@@ -687,12 +701,59 @@ def _f(v) -> str:
     return "-" if v is None else f"{v:.2f}"
 
 
+def pair_base(pcfg) -> str:
+    """The pair's ``base`` (a training workdir or a Keras .h5 to fix as it
+    is), or "" when the study trains its own base model."""
+    return str(pcfg.get("base") or "")
+
+
+def base_fingerprint(path: str) -> str:
+    """Cached :func:`_fingerprint` of ``path`` as it is now (size, mtime)."""
+    st = os.stat(path)
+    return _fingerprint(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=16)
+def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
+    """A content hash of a brought base model (the .h5 file, or a workdir's
+    final ``variables.msgpack`` and model description), so a replaced model
+    file makes new cells."""
+    from dlfix_jax.training import checkpoint
+    if os.path.isdir(path):
+        files = [os.path.join(path, n) for n in (checkpoint.VARIABLES_FILE,
+                                                 checkpoint.MODEL_FILE,
+                                                 checkpoint.METRICS_FILE)]
+    else:
+        files = [path]
+    h = hashlib.sha256()
+    for f in files:
+        if os.path.isfile(f):
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def _load_pair(pcfg, workdir, data_lib, train_lib, checkpoint, fixers):
-    """Trains or loads the pair's base model; returns (model, variables,
+    """Trains or loads the pair's base model (``pcfg.base``: a brought
+    workdir or Keras .h5, never retrained); returns (model, variables,
     dataset, problem)."""
     tcfg = pcfg.train
     dataset = data_lib.load(tcfg.dataset.name, data_dir=tcfg.dataset.data_dir,
                             seed=tcfg.dataset.seed)
+    base = pair_base(pcfg)
+    if base:
+        model, variables, history = checkpoint.load_model(base, history=True)
+        if model.num_classes != dataset.num_classes:
+            raise ValueError(
+                f"base model {base!r} has {model.num_classes} classes but "
+                f"dataset {dataset.name!r} has {dataset.num_classes}")
+        logging.info("base model %s: brought (not retrained)%s", base,
+                     f", {len(history)} history epochs" if history else "")
+        problem = fixers.make_problem(model, variables, dataset,
+                                      history=tuple(history) if history
+                                      else None)
+        return model, variables, dataset, problem
     base_dir = os.path.join(workdir, "base",
                             f"{tcfg.dataset.name}_{tcfg.model.name}")
     res = train_lib.train_and_evaluate(tcfg, base_dir, dataset=dataset)
