@@ -126,7 +126,7 @@ def atomic_write_json(path, obj: Any) -> None:
 def read_json(path) -> Any:
     path = os.fspath(path)
     if not is_local(path):
-        from etils import epath
+        from etils import epath  # cloud paths only
         return json.loads(epath.Path(path).read_text())
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -25,6 +25,8 @@ import importlib
 import os
 import sys
 
+from absl import app, flags
+
 COMMANDS = {
     "train": "train a base model: --config=FILE --workdir=DIR",
     "fix": "fix a base model: --approach=NAME --workdir=DIR "
@@ -78,6 +80,7 @@ EXIT_USER_ERROR = 2
 
 
 def _user_errors() -> tuple[type, ...]:
+    # after flag parsing, to keep `dlfix` and --help fast
     from dlfix_jax.data.base import DataError
     from dlfix_jax.report.tables import ReportError
     from dlfix_jax.training.checkpoint import CheckpointError
@@ -110,7 +113,6 @@ def _guarded(main, prog: str):
 def run_command(module, argv: list[str]) -> None:
     """Runs ``module.main`` under ``absl.app.run`` with ``argv`` (program
     name first), making ``--help`` list the module's flags."""
-    from absl import app, flags
     root = _config_import_root(argv)
     if root and root not in sys.path:
         sys.path.append(root)

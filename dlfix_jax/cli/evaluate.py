@@ -49,6 +49,7 @@ def main(argv):
     if _data_flags.DATASET.value is None:
         raise app.UsageError("--dataset is required (the test split the "
                              "models are evaluated on)")
+    # after flag parsing, to keep --help fast
     from dlfix_jax.data import DataError
     from dlfix_jax.study import compare
     from dlfix_jax.training import checkpoint

@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # after flag parsing, to keep --help fast
     from dlfix_jax.models import keras_h5
     from dlfix_jax.training import checkpoint
     try:

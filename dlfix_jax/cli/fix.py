@@ -57,6 +57,7 @@ EXIT_ERROR = 2
 def _config():
     """The config ``run`` reads: --config, or with --base a dataset-only
     one from --dataset."""
+    # after flag parsing, to keep --help fast
     from dlfix_jax.study import fix
     if FLAGS.base is None:
         if FLAGS.config is None:
@@ -81,6 +82,7 @@ def _config():
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # after flag parsing, to keep --help fast
     from dlfix_jax.data import DataError
     from dlfix_jax.study import fix
     from dlfix_jax.training import checkpoint
@@ -108,7 +110,7 @@ def main(argv):
               f"{fmt(mm['time_s'], '{:.1f}')}s -> "
               f"{os.path.join(os.path.abspath(FLAGS.workdir), m['approach'])}")
     if FLAGS.export_h5 and m:
-        from dlfix_jax.models import keras_h5
+        from dlfix_jax.models import keras_h5  # h5py: --export_h5 only
         seed0 = os.path.join(FLAGS.workdir, m["approach"], "seed0")
         if not os.path.isdir(seed0):
             print(f"error: seed 0 failed; nothing to export to "

@@ -31,7 +31,7 @@ FLAGS = flags.FLAGS
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from dlfix_jax.training import train  # after flag parsing
+    from dlfix_jax.training import train  # after flag parsing: fast --help
 
     progress.quiet_orbax()
     config = FLAGS.config

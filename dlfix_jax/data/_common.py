@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import hashlib
 import os
 import tarfile
 import zlib
@@ -59,7 +60,7 @@ def find_prepared_tfds(name: str, data_dir: str | None, register=None
     for root in tfds_roots(data_dir):
         if not glob.glob(os.path.join(root, name, "*", "dataset_info.json")):
             continue
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy optional dependency (TFDS)
         try:
             if register is not None:
                 register()
@@ -77,7 +78,7 @@ def read_tfds_arrays(name: str, root: str, split: str
                      ) -> tuple[np.ndarray, np.ndarray]:
     """A whole TFDS ``split`` of a small dataset as (uint8 images, int32
     labels)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy optional dependency (TFDS)
     builder = tfds.builder(name, data_dir=root)
     ds = builder.as_dataset(split=split, as_supervised=True,
                             shuffle_files=False).batch(4096)
@@ -166,7 +167,6 @@ def cached_arrays(source: str, tag: str, compute) -> dict[str, np.ndarray]:
     Any cache I/O problem falls back to ``compute()`` — the result is the
     same either way, only slower.
     """
-    import hashlib
     d = cache_dir()
     if d is None:
         return compute()

@@ -30,7 +30,7 @@ def _to_28(images: np.ndarray) -> np.ndarray:
 
 def load(data_dir: str | None = None, seed: int = 0) -> base.Dataset:
     del data_dir  # embedded
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy: sklearn, digits only
     d = load_digits()
     x = _to_28(d.images)[..., None]
     y = d.target.astype(np.int32)

@@ -76,7 +76,7 @@ def preprocess(image, image_size: int = IMAGE_SIZE, resize: int = RESIZE):
     Returns:
       float32 (image_size, image_size, 3) tensor.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # heavy optional dependency (TF)
     image = tf.convert_to_tensor(image)
     shape = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = tf.cast(resize, tf.float32) / tf.reduce_min(shape)
@@ -126,8 +126,8 @@ class StreamSplit:
 
     def tf_dataset(self):
         """The ``tf.data.Dataset`` of (x, y) batches."""
-        import tensorflow as tf
-        import tensorflow_datasets as tfds
+        import tensorflow as tf  # heavy optional dependency (TF)
+        import tensorflow_datasets as tfds  # heavy optional dependency (TFDS)
         read = tfds.ReadConfig(shuffle_seed=self.seed)
         ds = self.builder.as_dataset(split=self.tfds_split,
                                      shuffle_files=self.shuffle,
@@ -143,7 +143,7 @@ class StreamSplit:
         return ds.batch(self.batch_size).prefetch(tf.data.AUTOTUNE)
 
     def __iter__(self) -> Iterator[base.Split]:
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy optional dependency (TFDS)
         for x, y in tfds.as_numpy(self.tf_dataset()):
             yield base.Split(x, y)
 
@@ -235,7 +235,7 @@ def load(data_dir: str | None = None, seed: int = 0, batch_size: int = 64,
                 f"cannot prepare {NAME}: need data_dir and a manual_dir with "
                 f"{' and '.join(tars)} (manual_dir={manual_dir!r}); "
                 + _how_to_get(data_dir))
-        import tensorflow_datasets as tfds
+        import tensorflow_datasets as tfds  # heavy optional dependency (TFDS)
         tfds.builder(NAME, data_dir=data_dir).download_and_prepare(
             download_config=tfds.download.DownloadConfig(
                 manual_dir=manual_dir))
@@ -243,7 +243,7 @@ def load(data_dir: str | None = None, seed: int = 0, batch_size: int = 64,
     if root is None:
         raise base.DataError(f"{NAME} is not prepared; "
                              + _how_to_get(data_dir))
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy optional dependency (TFDS)
     builder = tfds.builder(NAME, data_dir=root)
     return from_builder(builder, seed=seed, batch_size=batch_size,
                         image_size=image_size,

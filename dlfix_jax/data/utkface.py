@@ -293,7 +293,7 @@ def tfds_builder_class():
     global _BUILDER
     if _BUILDER is not None:
         return _BUILDER
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy optional dependency (TFDS)
 
     class Utkface(tfds.core.GeneratorBasedBuilder):
         """UTKFace faces with age, gender and race from the file names."""
@@ -354,7 +354,7 @@ def tfds_builder_class():
 
 def _read_tfds(root: str, image_size: int) -> dict[str, np.ndarray]:
     tfds_builder_class()  # registers the "utkface" name with TFDS
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # heavy optional dependency (TFDS)
     b = tfds.builder("utkface", data_dir=root)
     rows = []
     for ex in tfds.as_numpy(b.as_dataset(split="train", shuffle_files=False)):

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 from flax import struct
 
+from dlfix_jax import fileio
 from dlfix_jax import masks
 from dlfix_jax import predict as predict_lib
 from dlfix_jax import registry
@@ -427,7 +428,6 @@ def summarize_info(spec_: FixerSpec | None, info: Any,
     max, mean}``; an integer code under a key of ``spec.codes`` gains a
     ``<key>_name`` entry.
     """
-    from dlfix_jax import fileio
     codes = dict(spec_.codes) if spec_ is not None else {}
 
     def rec(v):

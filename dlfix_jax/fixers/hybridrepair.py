@@ -23,7 +23,9 @@ Algorithm
    ``hdbscan`` package default the original ran with) marks noise; KMeans
    on the non-noise points with ``K = max(n // avg_clustersize, min(budget,
    n))`` (``avg_clustersize`` 10, ``n_init`` 10); each cluster's centre is
-   the pool input nearest to its k-means centre (noise included).
+   the pool input nearest to its k-means centre (noise included) that
+   no earlier centre took (the original can pick one input for two
+   clusters and then reads fewer labels than its budget).
 4. **Labelling** (``unsth_region_plabeling``): ``budget = int(1% * |pool|)``
    (``p_budget`` 1); clusters are ranked by the summed unsmoothness of
    their members; for the top ``budget`` clusters only the **centre's true
@@ -104,7 +106,7 @@ import numpy as np
 import optax
 from sklearn import cluster as sk_cluster
 from sklearn import neighbors
-from sklearn.metrics import pairwise_distances_argmin
+from sklearn.metrics import pairwise_distances
 
 from dlfix_jax import predict as predict_lib
 from dlfix_jax import progress as progress_lib
@@ -298,10 +300,22 @@ def hybrid_clusters(feats: np.ndarray, budget: int, min_samples: int,
     km = sk_cluster.KMeans(n_clusters=k, n_init=n_init,
                            random_state=seed).fit(z[keep])
     clusters = [keep[km.labels_ == c] for c in range(k)]
-    # The pool input nearest to each k-means centre, without the
-    # (pool x clusters x width) difference array (GBs at the study's sizes).
-    centres = pairwise_distances_argmin(km.cluster_centers_, z)
-    return clusters, centres, n_noise
+    return clusters, distinct_centres(km.cluster_centers_, z), n_noise
+
+
+def distinct_centres(centers: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """Per k-means centre, the nearest pool input not already taken by an
+    earlier centre (each labelled centre is a distinct input, so the label
+    budget is spent exactly). Distances are (clusters x pool), never the
+    (pool x clusters x width) differences (GBs at the study's sizes)."""
+    d = pairwise_distances(centers, z)
+    out = np.empty((len(centers),), np.int64)
+    used = np.zeros((len(z),), bool)
+    for c in range(len(centers)):
+        row = np.where(used, np.inf, d[c])
+        out[c] = int(np.argmin(row))
+        used[out[c]] = True
+    return out
 
 
 class LabelOracle:

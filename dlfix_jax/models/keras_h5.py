@@ -81,6 +81,7 @@ model's ``build_input_shape``; ``load(path, input_shape=...)`` overrides it.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Any, Sequence
@@ -743,7 +744,6 @@ def export_h5(model: base.Model, variables: dict[str, Any],
     weights = {s.name: _export_weights(s, variables) for s in specs}
     layer_names = [c["config"]["name"] for c in layer_cfgs[1:]]
 
-    import io
     buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
         f.attrs["backend"] = "tensorflow"

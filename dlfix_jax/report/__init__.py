@@ -32,6 +32,8 @@ import os
 import re
 from typing import Any
 
+from dlfix_jax.report import tables
+
 REPORT_DIR = "report"
 BOX_METRICS = ("acc", "rr", "asr", "aaod", "nfr", "time_s")
 
@@ -59,7 +61,7 @@ def write_report(workdir: str, *, out_dir: str | None = None,
     Raises:
       tables.ReportError: missing or empty store, malformed records.
     """
-    from dlfix_jax.report import plots, tables
+    from dlfix_jax.report import plots  # heavy dependency: matplotlib
 
     records = tables.load_records(workdir)
     out = out_dir or os.path.join(workdir, REPORT_DIR)

@@ -106,10 +106,18 @@ import numpy as np
 from absl import logging
 
 import dlfix_jax
+from dlfix_jax import data as data_lib
+from dlfix_jax import ensembles
 from dlfix_jax import fileio
+from dlfix_jax import fixers
+from dlfix_jax import seed_axis as seeds_lib
 from dlfix_jax.fixers import base as fixers_base
+from dlfix_jax.metrics import classification as cls
+from dlfix_jax.metrics import evaluate as evaluate_lib
+from dlfix_jax.metrics import fairness, pgd
 from dlfix_jax.metrics import timing
 from dlfix_jax.study import store as store_lib
+from dlfix_jax.training import checkpoint, train as train_lib
 
 # Named PRNG streams folded into jax.random.key(config.seed).
 STREAM_FIX, STREAM_EVAL, STREAM_ENSEMBLE = 1, 2, 3
@@ -156,7 +164,6 @@ def _fmt_s(s: float | None) -> str:
 
 def approach_names(config) -> list[str]:
     """The approaches of ``config.approaches`` ("all" or a comma list)."""
-    from dlfix_jax import fixers
     spec = config.approaches
     if isinstance(spec, str):
         spec = spec.strip()
@@ -203,14 +210,12 @@ def _ensembles_for(config, approach: str, combos: list[str]) -> list[str]:
 def fixer_config(spec, overrides) -> ml_collections.ConfigDict:
     """The fixer's config with the study's overrides (the one override rule:
     :func:`dlfix_jax.fixers.base.fixer_config`)."""
-    from dlfix_jax.fixers import base as fixers_base
     return fixers_base.fixer_config(spec, overrides)
 
 
 def info_summary(info: Any, max_list: int = 64, spec=None) -> Any:
     """A JSON-safe, size-bounded summary of ``FixResult.info``
     (:func:`dlfix_jax.fixers.base.summarize_info`)."""
-    from dlfix_jax.fixers import base as fixers_base
     return fixers_base.summarize_info(spec, info, max_list)
 
 
@@ -371,7 +376,6 @@ def check_corrupted(model, fixed_list: Sequence[dict], dataset,
                     margin: float, batch_size: int) -> list[str | None]:
     """Per fixed model: None, or why it is corrupted (non-finite parameters
     or test logits, or accuracy <= 100/num_classes + margin)."""
-    from dlfix_jax import seed_axis as seeds_lib
     x, y = _split_arrays(dataset.test)
     chance = 100.0 / dataset.num_classes
     out = []
@@ -400,8 +404,6 @@ def evaluate_fixed(key, model, variables, fixed_list, dataset, pair_cfg,
     """Metrics of the given fixed models evaluated together (one ASR sample
     for all of them); returns one metrics dict per model. ``asr=False`` (used
     for corrupted models) skips PGD whatever the pair's config says."""
-    from dlfix_jax.metrics import evaluate as evaluate_lib
-    from dlfix_jax import seed_axis as seeds_lib
     stacked = seeds_lib.stack_variables(fixed_list)
     acfg = pair_cfg.asr
     res = evaluate_lib.evaluate_models(
@@ -447,8 +449,6 @@ def _combo_attack(name: str, model, temperature: float | None, steps: int,
     once per fitted temperature). The loss is cross-entropy on the log of
     the combination's probabilities (= −log p_y), the success is judged on
     the final iterate, exactly as :mod:`dlfix_jax.metrics.pgd` otherwise."""
-    from dlfix_jax import ensembles
-    from dlfix_jax.metrics import pgd
 
     @jax.jit
     def attack(vo, vr, key, x0, y, start, eps, lo, hi):
@@ -487,10 +487,6 @@ def evaluate_ensembles(key, model, variables, fixed_list, dataset,
     key per evaluation (a fixed noise/dropout draw), so the attacked
     function is deterministic. AAOD only when the dataset has groups.
     """
-    from dlfix_jax import ensembles
-    from dlfix_jax.metrics import classification as cls
-    from dlfix_jax.metrics import fairness, pgd
-    from dlfix_jax import seed_axis as seeds_lib
     x = np.asarray(dataset.test.x, np.float32)
     y = np.asarray(dataset.test.y, np.int32)
     ux = np.asarray(dataset.valid.x, np.float32)
@@ -608,10 +604,6 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
       The store's records (newest per key) for this config's cells, in
       grid order.
     """
-    from dlfix_jax import data as data_lib
-    from dlfix_jax import fixers
-    from dlfix_jax.training import checkpoint, train as train_lib
-
     os.makedirs(workdir, exist_ok=True)
     store = store_lib.Store(workdir)
     S = int(config.num_seeds)
@@ -718,7 +710,6 @@ def _fingerprint(path: str, size: int, mtime_ns: int) -> str:
     """A content hash of a brought base model (the .h5 file, or a workdir's
     final ``variables.msgpack`` and model description), so a replaced model
     file makes new cells."""
-    from dlfix_jax.training import checkpoint
     if os.path.isdir(path):
         files = [os.path.join(path, n) for n in (checkpoint.VARIABLES_FILE,
                                                  checkpoint.MODEL_FILE,

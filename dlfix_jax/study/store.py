@@ -49,6 +49,7 @@ or not finite".
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -200,7 +201,6 @@ class Store:
     def lock(self) -> Iterator[None]:
         """Exclusive writer lock; raises RuntimeError if another process
         holds it."""
-        import fcntl
         fd = os.open(os.path.join(self.directory, LOCKNAME),
                      os.O_RDWR | os.O_CREAT, 0o644)
         try:

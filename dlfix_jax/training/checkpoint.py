@@ -35,6 +35,7 @@ import numpy as np
 from flax import serialization
 
 from dlfix_jax import fileio
+from dlfix_jax import models
 
 VARIABLES_FILE = "variables.msgpack"
 METRICS_FILE = "metrics.json"
@@ -140,7 +141,7 @@ def history_manager(workdir: str, create: bool = True):
     point. Saving is asynchronous; callers call ``wait_until_finished()``
     (and ``close()``) before reading back or exiting.
     """
-    import orbax.checkpoint as ocp  # heavy import, only when needed
+    import orbax.checkpoint as ocp  # heavy dependency: history only
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
     return ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
@@ -149,7 +150,7 @@ def history_manager(workdir: str, create: bool = True):
 
 def save_epoch(manager, epoch: int, variables: dict) -> None:
     """Saves the variables after ``epoch`` (1-based) to the history."""
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy dependency: history only
     manager.save(epoch, args=ocp.args.StandardSave(variables))
 
 
@@ -182,7 +183,7 @@ def load_history(workdir: str, target: Any = None,
     Raises:
       CheckpointError: there is no checkpoint under ``workdir/checkpoints``.
     """
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy dependency: history only
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if not os.path.isdir(directory):
         raise CheckpointError(
@@ -220,7 +221,7 @@ def load_epoch(workdir: str, epoch: int, target: Any = None) -> dict:
       CheckpointError: that epoch has no finished checkpoint, or it is
         damaged.
     """
-    import orbax.checkpoint as ocp
+    import orbax.checkpoint as ocp  # heavy dependency: history only
     directory = os.path.join(workdir, CHECKPOINT_DIR)
     if epoch not in history_epochs(workdir):
         raise CheckpointError(f"no finished checkpoint of epoch {epoch} in "
@@ -261,7 +262,6 @@ def model_from_workdir(workdir: str):
     and input shape); without it, ``config.json``'s ``model.name`` with the
     model's default classes and input shape.
     """
-    from dlfix_jax import models
     metrics_path = os.path.join(workdir, METRICS_FILE)
     config_path = os.path.join(workdir, CONFIG_FILE)
     if os.path.isfile(metrics_path):
@@ -289,7 +289,6 @@ def model_to_json(model) -> dict:
     layer, so :func:`model_from_json` rebuilds them without their source
     file; other models by their registered zoo name.
     """
-    from dlfix_jax import models
     d = {"name": model.name, "num_classes": int(model.num_classes),
          "input_shape": [int(v) for v in model.input_shape],
          "output_softmax": bool(model.output_softmax), "layers": None}
@@ -309,7 +308,6 @@ def _lists(v):
 
 def model_from_json(d: dict, where: str = "model.json"):
     """Inverse of :func:`model_to_json`; CheckpointError when malformed."""
-    from dlfix_jax import models
     try:
         shape = tuple(int(v) for v in d["input_shape"])
         if d.get("layers") is None:
@@ -414,7 +412,7 @@ def load_model(path: str, history: bool | int = False):
         if path.lower().endswith(".keras") and not _is_hdf5(path):
             raise _keras_native_error(path)
         if path.lower().endswith((".h5", ".hdf5")) or _is_hdf5(path):
-            from dlfix_jax.models import keras_h5  # lazy: h5py import
+            from dlfix_jax.models import keras_h5  # h5py: .h5 paths only
             model, variables = keras_h5.load(path)
             return model, variables, None
         raise CheckpointError(

@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import functools
 import json
 import math
@@ -340,7 +341,6 @@ def workdir_lock(workdir: str) -> Iterator[Callable[[], None]]:
     Raises:
       RuntimeError: another process is training in ``workdir``.
     """
-    import fcntl
     fd = os.open(os.path.join(workdir, LOCK_FILE), os.O_RDWR | os.O_CREAT,
                  0o644)
 
