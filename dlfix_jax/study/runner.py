@@ -110,6 +110,7 @@ from dlfix_jax import data as data_lib
 from dlfix_jax import ensembles
 from dlfix_jax import fileio
 from dlfix_jax import fixers
+from dlfix_jax import progress as progress_lib
 from dlfix_jax import seed_axis as seeds_lib
 from dlfix_jax.fixers import base as fixers_base
 from dlfix_jax.metrics import classification as cls
@@ -496,6 +497,8 @@ def evaluate_ensembles(key, model, variables, fixed_list, dataset,
     eps = acfg.eps if acfg.eps is not None else pgd.epsilon_for(dataset.name)
     po = seeds_lib.predict(model, variables, x, bs)
     out = []
+    prog = progress_lib.Progress(len(fixed_list) * len(names),
+                                 "ensemble combinations", every_s=20.0)
     for s, vr in enumerate(fixed_list):
         res = {}
         for i, name in enumerate(names):
@@ -526,7 +529,9 @@ def evaluate_ensembles(key, model, variables, fixed_list, dataset,
                                   jnp.float32(hi))
                     m["asr"] = 100.0 * float(np.mean(np.asarray(succ)))
             res[name] = m
+            prog.step(extra=f"seed {s} {name}")
         out.append(res)
+    prog.done()
     return out
 
 
