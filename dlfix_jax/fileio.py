@@ -28,6 +28,7 @@ from typing import Any
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 FILE_MODE = 0o666 & ~_UMASK
+DIR_MODE = 0o777 & ~_UMASK
 
 
 def is_local(path) -> bool:

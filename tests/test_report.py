@@ -179,3 +179,23 @@ def test_invalid_lines_are_skipped_and_a_newline_less_record_counts(
     assert sorted(r["seed"] for r in recs) == [0, 1]
     assert any(":2: record lacks" in m for m in caplog.messages)
     assert any(":3:" in m and "not JSON" in m for m in caplog.messages)
+
+
+def test_failed_report_leaves_no_partial_directory(tmp_path):
+    """Issue 11 item 15: a report that fails half-way (here a bad
+    ``sk_alpha``) leaves no partial directory and keeps an earlier report;
+    files get the user's umask mode, not 0600."""
+    import stat
+    workdir = _store(tmp_path)
+    with pytest.raises(ValueError, match="alpha"):
+        report.write_report(str(workdir), sk_version="o", sk_alpha=7.0)
+    assert not (workdir / "report").exists()
+    assert not [p for p in os.listdir(workdir) if p.startswith(".tmp-")]
+    report.write_report(str(workdir))
+    before = sorted(os.listdir(workdir / "report"))
+    mode = stat.S_IMODE(os.stat(workdir / "report" / "report.md").st_mode)
+    from dlfix_jax import fileio
+    assert mode == fileio.FILE_MODE  # 0o666 & ~umask
+    with pytest.raises(ValueError, match="alpha"):
+        report.write_report(str(workdir), sk_version="o", sk_alpha=-1.0)
+    assert sorted(os.listdir(workdir / "report")) == before

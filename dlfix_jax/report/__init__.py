@@ -30,8 +30,11 @@ from __future__ import annotations
 import collections
 import os
 import re
+import shutil
+import tempfile
 from typing import Any
 
+from dlfix_jax import fileio
 from dlfix_jax.report import tables
 
 REPORT_DIR = "report"
@@ -64,8 +67,40 @@ def write_report(workdir: str, *, out_dir: str | None = None,
     from dlfix_jax.report import plots  # heavy dependency: matplotlib
 
     records = tables.load_records(workdir)
-    out = out_dir or os.path.join(workdir, REPORT_DIR)
-    os.makedirs(out, exist_ok=True)
+    out = os.path.abspath(out_dir or os.path.join(workdir, REPORT_DIR))
+    parent = os.path.dirname(out)
+    os.makedirs(parent, exist_ok=True)
+    # Everything is written into a temporary sibling directory that replaces
+    # ``out`` only when the whole report is done: a failure (a bad argument,
+    # a full disk) leaves the previous report, or none, never a partial one.
+    tmp = tempfile.mkdtemp(prefix=".tmp-report-", dir=parent)
+    try:
+        files = _write_all(records, workdir, tmp, sk_version, sk_alpha,
+                           sk_test, plots)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = [os.path.join(out, os.path.relpath(f, tmp)) for f in files]
+    return {"out_dir": out, "files": files, "records": len(records)}
+
+
+def _replace_dir(new: str, out: str) -> None:
+    """Moves directory ``new`` to ``out``, replacing an old ``out``."""
+    os.chmod(new, fileio.DIR_MODE)
+    if os.path.isdir(out):
+        old = tempfile.mkdtemp(prefix=".old-report-",
+                               dir=os.path.dirname(out))
+        os.rename(out, os.path.join(old, "r"))
+        os.rename(new, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, out)
+
+
+def _write_all(records, workdir, out, sk_version, sk_alpha, sk_test,
+               plots) -> list[str]:
+    """Writes every report file into ``out``; returns their paths."""
     grid = tables.Grid.from_records(records)
     files: list[str] = []
 
@@ -184,4 +219,4 @@ def write_report(workdir: str, *, out_dir: str | None = None,
                         r["dataset"], tables.row_label(r, split),
                         r["seed"]))])]
     tables.write_text(path("report.md"), "\n".join(md))
-    return {"out_dir": out, "files": files, "records": len(records)}
+    return files

@@ -33,11 +33,11 @@ import json
 import logging
 import math
 import os
-import tempfile
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dlfix_jax import fileio
 from dlfix_jax.report import scott_knott
 
 RESULTS_FILE = "results.jsonl"
@@ -509,25 +509,13 @@ ENSEMBLE_HEADER = ["approach", "dataset", "combination", "metric", "n",
 # Atomic writes.
 
 def write_text(path: str, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically (temp file + os.replace)."""
-    write_bytes(path, text.encode("utf-8"))
+    """Writes ``text`` to ``path`` atomically (:mod:`dlfix_jax.fileio`)."""
+    fileio.atomic_write_text(path, text)
 
 
 def write_bytes(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-",
-                               suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Writes ``data`` to ``path`` atomically (:mod:`dlfix_jax.fileio`)."""
+    fileio.atomic_write_bytes(path, data)
 
 
 def csv_text(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
