@@ -165,3 +165,26 @@ def solve_milp(c, constraints, integrality, bounds=None, time_limit=None):
     return scipy.optimize.milp(c, constraints=constraints,
                                integrality=integrality, bounds=bounds,
                                options=options)
+
+
+def constrained_points(key, problem, num_passing: int):
+    """The points of a pointwise layer repair (RA, 3M): every failing repair
+    input, then ``num_passing`` passing ones (-1: all; else a sorted sample
+    without replacement drawn with ``key``, the only use of the key).
+
+    Returns:
+      ``(x, y, k)``: inputs (device), labels (int64, host) and the number of
+      passing points taken.
+    """
+    n_passing_all = len(problem.passing)
+    k = int(num_passing)
+    k = n_passing_all if k < 0 else min(k, n_passing_all)
+    if 0 < k < n_passing_all:
+        sel = np.sort(np.asarray(jax.random.choice(key, n_passing_all, (k,),
+                                                   replace=False)))
+    else:
+        sel = np.arange(k)
+    x = jnp.concatenate([problem.failing.x, problem.passing.x[sel]])
+    y = np.concatenate([np.asarray(problem.failing.y),
+                        np.asarray(problem.passing.y)[sel]]).astype(np.int64)
+    return x, y, k

@@ -517,17 +517,9 @@ def fix(key: jax.Array, problem: base.Problem,
     lparams = models_base.get_layer_params(params, name)
     mask = masks.layer_mask(params, name)
 
-    n_fail, n_passing_all = len(problem.failing), len(problem.passing)
-    k = int(config.num_passing)
-    k = n_passing_all if k < 0 else min(k, n_passing_all)
-    if 0 < k < n_passing_all:
-        sel = np.sort(np.asarray(jax.random.choice(key, n_passing_all, (k,),
-                                                   replace=False)))
-    else:
-        sel = np.arange(k)
-    x = jnp.concatenate([problem.failing.x, problem.passing.x[sel]])
-    y = np.concatenate([np.asarray(problem.failing.y),
-                        np.asarray(problem.passing.y)[sel]]).astype(np.int64)
+    n_fail = len(problem.failing)
+    x, y, k = _linear.constrained_points(key, problem,
+                                         int(config.num_passing))
     n_pts = len(y)
     margin = float(config.margin)
     info = {"status": 4, "mode": 0 if last else 1, "lp_status": -1,

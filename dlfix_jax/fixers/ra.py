@@ -167,17 +167,9 @@ def fix(key: jax.Array, problem: base.Problem,
     mask = masks.layer_mask(params, name)
 
     # The constrained points: all failing + a key-chosen sample of passing.
-    n_fail, n_passing_all = len(problem.failing), len(problem.passing)
-    k = int(config.num_passing)
-    k = n_passing_all if k < 0 else min(k, n_passing_all)
-    if 0 < k < n_passing_all:
-        sel = np.sort(np.asarray(jax.random.choice(key, n_passing_all, (k,),
-                                                   replace=False)))
-    else:
-        sel = np.arange(k)
-    x = jnp.concatenate([problem.failing.x, problem.passing.x[sel]])
-    y = np.concatenate([np.asarray(problem.failing.y),
-                        np.asarray(problem.passing.y)[sel]]).astype(np.int64)
+    n_fail = len(problem.failing)
+    x, y, k = _linear.constrained_points(key, problem,
+                                         int(config.num_passing))
     nc_rows = len(y) * (problem.num_classes - 1)
     nv = int(sum(np.size(v) for v in lparams.values()))
     info = {"layer_index": li, "num_failing": n_fail, "num_passing": int(k),

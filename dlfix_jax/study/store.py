@@ -177,17 +177,7 @@ class Store:
                 log.warning("results store %s: completed a trailing record "
                             "that lacked its newline", self.path)
                 return 0
-            # Find the last newline by reading backwards in blocks.
-            pos, keep = size, 0
-            while pos > 0:
-                step = min(65536, pos)
-                pos -= step
-                f.seek(pos)
-                block = f.read(step)
-                i = block.rfind(b"\n")
-                if i >= 0:
-                    keep = pos + i + 1
-                    break
+            keep = size - len(tail)  # just after the last newline
             f.truncate(keep)
             f.flush()
             os.fsync(f.fileno())
