@@ -84,3 +84,21 @@ def changed_outside(mask, old, new) -> int:
         m = np.broadcast_to(np.asarray(m, bool), a.shape)
         bad += int(np.sum(diff & ~m))
     return bad
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_history_problem():
+    """The tiny MLP trained 40 Adam steps (checkpoint T-1), then 3 more at a
+    higher learning rate (T, the repaired model): 39 of 200 repair inputs
+    fail, 31 of them regressions. Returns ``(model, variables, ds,
+    problem)`` with ``problem.history == (T-1, T)``."""
+    ds = data_lib.load("digits", seed=0)
+    model = tiny_mlp()
+    prev = train(model, ds, 40, 3e-3, batch_size=128)
+    tx = loop.optimizer("adam", 1e-2)
+    key = jax.random.key(1)
+    last = loop.fit(key, prev, Source(ds.train).take_steps(key, 128, 3),
+                    step_fn=loop.make_step(loop.xent(model), tx), tx=tx,
+                    num_steps=3).variables
+    return model, last, ds, fixers.make_problem(model, last, ds,
+                                                history=(prev, last))

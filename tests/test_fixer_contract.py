@@ -51,6 +51,9 @@ BUDGETS = {
     "genmunn": {"population": 20, "n_parents": 5, "max_generations": 15},
     "irepair": {"lr": 1e-3, "max_iters": 200},
     "minimal_modification": {"num_passing": 100, "time_limit_s": 30.0},
+    "distrrep": {"particles": 20, "max_iterations": 15,
+                 "merge_particles": 20, "merge_iterations": 15},
+    "neurecover": {"particles": 20, "max_iterations": 20},
     # <- new fixers' tiny budgets go above this line
 }
 
@@ -73,7 +76,15 @@ REFUSALS = {
     "irepair": fixtures.info_of(zoo.get("lenet5"), n_repair=5,
                                 n_failing=5),  # no general set
     "minimal_modification": fixtures.info_of(zoo.get("resnet18")),
+    "distrrep": fixtures.info_of(_CONV_LAST),  # no Dense logits layer
+    "neurecover": fixtures.info_of(zoo.get("lenet5")),  # no history
     # <- new fixers' refusal cases go above this line
+}
+
+# Problems for fixers the tiny MLP cannot serve (default:
+# fixtures.tiny_mlp_problem, which has no training history).
+PROBLEMS = {
+    "neurecover": fixtures.tiny_history_problem,  # two checkpoints
 }
 
 
@@ -94,7 +105,8 @@ def test_refuses_with_a_reason(name):
 @pytest.mark.parametrize("name", fixers.names())
 def test_fixer_contract(name):
     spec_ = fixers.get(name)
-    model, variables, ds, problem = fixtures.tiny_mlp_problem()
+    model, variables, ds, problem = PROBLEMS.get(
+        name, fixtures.tiny_mlp_problem)()
     assert len(problem.failing) > 0
     reason = spec_.applicable(problem.info)
     assert reason is None, f"{name} refuses the tiny MLP: {reason}"

@@ -59,5 +59,22 @@ def digits() -> dict:
         # call took 17.7 s (11.0 s of it compilation) on the shared 2 CPU
         # cores at load ~9 (30.8 s in a more loaded run).
         "irepair": dict(max_iters=100),
+        # DistrRep at the paper's populations (100 particles per repair and
+        # for the merge, patience 10), iterations capped at 50 (default
+        # 100): on digits/LeNet5 (8 failing repair inputs -> 7 target + 4
+        # general repairs) patience stops every search after 12-39
+        # iterations, so the cap changes nothing measured; 3 seeds in one
+        # vmapped call took 15.6-19.7 s on the shared 2 CPU cores (load
+        # ~6.5), almost all of it compilation.
+        "distrrep": dict(max_iterations=50, merge_iterations=50),
+        # NeuRecover at the paper's budget (100 particles, <= 100 iterations,
+        # patience 10; the override restates the default). On the digits
+        # LeNet5 the last two epochs differ on only 5 repair inputs
+        # (regressions) and the localised set is empty in every Dense kernel
+        # (the formula, not a budget), so each seed is a "failure" with that
+        # reason after ~0.7 s (3 seeds, vmapped, 2 CPU cores). Where it
+        # localises (tiny MLP with a 2-checkpoint history, 2 weights) 3 seeds
+        # in one vmapped call take 9.5 s with compilation, 0.13 s without.
+        "neurecover": dict(max_iterations=100),
         # <- new fixers' digits budgets go above this line
     }
