@@ -420,11 +420,10 @@ def test_brought_base_model_is_fixed_as_it_is(tmp_path, base_dir):
     """``pair.base`` (``dlfix study --base``): a training workdir or Keras
     .h5 is fixed without training anything; its content is part of the
     cells' identity."""
-    from dlfix_jax.cli import study as study_cli
     trained = runner.run_study(tiny_config(["fake_vmap"], num_seeds=1),
                                str(_workdir(tmp_path / "a", base_dir)))
     wd = tmp_path / "brought"
-    c = study_cli.with_base(tiny_config(["fake_vmap"], num_seeds=1),
+    c = runner.with_base(tiny_config(["fake_vmap"], num_seeds=1),
                             str(base_dir / "base" / "digits_lenet5"))
     brought = runner.run_study(c, str(wd))
     assert not (wd / "base").exists()  # nothing trained
@@ -433,7 +432,7 @@ def test_brought_base_model_is_fixed_as_it_is(tmp_path, base_dir):
     two = tiny_config(["fake_vmap"])
     two.pairs.other = two.pairs.digits_lenet5
     with pytest.raises(ValueError, match="one pair"):
-        study_cli.with_base(two, "x.h5")
+        runner.with_base(two, "x.h5")
 
 
 def test_artifact_study_config_points_at_the_study_model():

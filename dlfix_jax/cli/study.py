@@ -29,18 +29,6 @@ _BASE = flags.DEFINE_string(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def with_base(config, base: str):
-    """``config`` with its single pair's ``base`` set to ``base``."""
-    if len(config.pairs) != 1:
-        raise ValueError(f"--base needs a study config with one pair; this "
-                         f"one has {len(config.pairs)}: "
-                         f"{sorted(config.pairs)}")
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        for pair in config.pairs.values():
-            pair.base = base
-    return config
-
 
 def main(argv):
     if len(argv) > 1:
@@ -49,7 +37,7 @@ def main(argv):
     progress.quiet_orbax()
     config = _CONFIG.value
     if _BASE.value:
-        config = with_base(config, _BASE.value)
+        config = runner.with_base(config, _BASE.value)
     logging.info("study config:\n%s", config)
     records = runner.run_study(config, _WORKDIR.value, force=_FORCE.value)
     counts = {}

@@ -704,6 +704,18 @@ def pair_base(pcfg) -> str:
     return str(pcfg.get("base") or "")
 
 
+def with_base(config, base: str):
+    """``config`` with its single pair's ``base`` set to ``base``."""
+    if len(config.pairs) != 1:
+        raise ValueError(f"--base needs a study config with one pair; this "
+                         f"one has {len(config.pairs)}: "
+                         f"{sorted(config.pairs)}")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for pair in config.pairs.values():
+            pair.base = base
+    return config
+
 def base_fingerprint(path: str) -> str:
     """Cached :func:`_fingerprint` of ``path`` as it is now (size, mtime)."""
     st = os.stat(path)
