@@ -118,3 +118,150 @@ def test_hidden_layer_cached_fitness_matches_the_model():
     want = model.apply({"params": p}, problem.repair.x)
     np.testing.assert_allclose(np.asarray(z), np.asarray(want), rtol=1e-4,
                                atol=1e-4)
+
+
+# ---------------------------------------------------------------------------
+# Options (issue 9): localisation="all", localiser="coinse", num_positive
+# ---------------------------------------------------------------------------
+
+from tests.fixtures import changed_outside  # noqa: E402
+from tests.fixtures import tiny_conv_problem  # noqa: E402
+
+
+def _cfg(**kw):
+    return fixers.get("arachne").config({"population": 20,
+                                         "max_generations": 10, **kw})
+
+
+def _set_score(model, variables, split):
+    z = model.apply(variables, split.x)
+    return float(_fitness.correct_score(z, split.y))
+
+
+def test_option_defaults_and_check_config():
+    cfg = arachne.default_config()
+    assert cfg.localisation == "last" and cfg.localiser == "eai"
+    assert cfg.num_positive == 0 and cfg.patch_aggr == 1.0
+    for bad in (dict(localisation="every"), dict(localiser="deepfl")):
+        with pytest.raises(ValueError, match="not one of"):
+            arachne.check_config(_cfg(**bad))
+
+
+def test_all_localisation_on_mlp_changes_only_localised_weights():
+    model, variables, ds, problem = tiny_problem()
+    res = arachne.fix(jax.random.key(0), problem, _cfg(localisation="all"))
+    assert int(res.info["num_localised"]) > 0
+    assert changed_outside(res.mask, variables["params"],
+                           res.variables["params"]) == 0
+    ok = jnp.argmax(model.apply(res.variables, problem.failing.x), -1)
+    assert int(jnp.sum(ok == problem.failing.y)) > 0          # RR > 0
+
+
+def test_all_localisation_spans_layers_and_forwards_from_the_cache():
+    """On the tiny conv net the coinse front covers both Dense layers; the
+    DE's fitness (cached input of dense1, tail of the model) equals the
+    full model's, before and after the repair."""
+    model, variables, ds, problem = tiny_conv_problem()
+    cfg = _cfg(localisation="all", localiser="coinse")
+    res = arachne.fix(jax.random.key(0), problem, cfg)
+    info = res.info
+    lay = np.asarray(info["localised_layer"])
+    assert set(lay.tolist()) == {0, 1}                       # dense1, dense2
+    assert changed_outside(res.mask, variables["params"],
+                           res.variables["params"]) == 0
+    assert masks.count(res.mask) == int(info["num_localised"]) == len(lay)
+    for name in ("dense1", "dense2"):                        # both changed
+        assert not np.array_equal(
+            np.asarray(res.variables["params"][name]["kernel"]),
+            np.asarray(variables["params"][name]["kernel"]))
+        np.testing.assert_array_equal(
+            np.asarray(res.variables["params"][name]["bias"]),
+            np.asarray(variables["params"][name]["bias"]))
+    want0 = (_set_score(model, variables, problem.passing)
+             + _set_score(model, variables, problem.failing))
+    np.testing.assert_allclose(float(info["initial_fitness"]), want0,
+                               rtol=1e-5)
+    want1 = (_set_score(model, res.variables, problem.passing)
+             + _set_score(model, res.variables, problem.failing))
+    np.testing.assert_allclose(float(info["best_fitness"]), want1, rtol=1e-5)
+    ok = jnp.argmax(model.apply(res.variables, problem.failing.x), -1)
+    assert int(jnp.sum(ok == problem.failing.y)) > 0          # RR > 0
+    # deterministic for a key, and vmappable over keys
+    res2 = arachne.fix(jax.random.key(0), problem, cfg)
+    np.testing.assert_array_equal(
+        np.asarray(res.variables["params"]["dense1"]["kernel"]),
+        np.asarray(res2.variables["params"]["dense1"]["kernel"]))
+    small = _cfg(localisation="all", localiser="coinse", population=8,
+                 max_generations=2)
+    keys = jax.random.split(jax.random.key(1), 2)
+    batched = jax.vmap(arachne.fix, in_axes=(0, None, None))(keys, problem,
+                                                              small)
+    one = arachne.fix(keys[1], problem, small)
+    np.testing.assert_allclose(
+        np.asarray(batched.variables["params"]["dense1"]["kernel"][1]),
+        np.asarray(one.variables["params"]["dense1"]["kernel"]), rtol=1e-6,
+        atol=1e-6)
+
+
+def test_coinse_localiser_scores_passing_inputs():
+    model, variables, ds, problem = tiny_problem()
+    params = variables["params"]
+    layer = "dense2"
+    negs = {layer: _fitness.cache_layer(model, variables, layer,
+                                        problem.failing.x)}
+    poss = {layer: _fitness.cache_layer(model, variables, layer,
+                                        problem.passing.x)}
+    args = (params, (layer,), negs, problem.failing.y, poss, problem.passing.y,
+            20)
+    eai = arachne.localise_layers(*args, "eai")
+    coinse = arachne.localise_layers(*args, "coinse")
+    # "eai" over the last layer is exactly today's localisation
+    k = np.asarray(params[layer]["kernel"])
+    b = np.asarray(params[layer]["bias"])
+    old = arachne.localise(k, b, negs[layer].h, np.asarray(problem.failing.y),
+                           20)
+    np.testing.assert_array_equal(eai["indices"], old["indices"])
+    # coinse: cost_neg / (1 + cost_pos) per weight, front over all weights
+    g_n, f_n = arachne.layer_scores(k, b, negs[layer], problem.failing.y)
+    g_p, f_p = arachne.layer_scores(k, b, poss[layer], problem.passing.y)
+    np.testing.assert_allclose(coinse["grad"][layer], g_n / (1 + g_p))
+    np.testing.assert_allclose(coinse["fi"][layer], f_n / (1 + f_p))
+    flat = _localize.bidirectional(g_n / (1 + g_p), f_n / (1 + f_p), 0)
+    np.testing.assert_array_equal(
+        coinse["indices"], np.stack(np.unravel_index(flat, k.shape), 1))
+    assert not np.array_equal(coinse["indices"], eai["indices"])
+    # end to end: differs from eai, deterministic
+    r1 = arachne.fix(jax.random.key(0), problem, _cfg(localiser="coinse"))
+    r2 = arachne.fix(jax.random.key(0), problem, _cfg(localiser="coinse"))
+    r0 = arachne.fix(jax.random.key(0), problem, _cfg())
+    np.testing.assert_array_equal(np.asarray(r1.info["localised"]),
+                                  coinse["indices"])
+    assert not np.array_equal(np.asarray(r1.info["localised"]),
+                              np.asarray(r0.info["localised"]))
+    for a, b2 in zip(jax.tree_util.tree_leaves(r1.variables),
+                     jax.tree_util.tree_leaves(r2.variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b2))
+
+
+def test_num_positive_pairs_with_eai_fitness():
+    model, variables, ds, problem = tiny_problem()
+    layer = "dense2"
+    k = np.asarray(variables["params"][layer]["kernel"])
+    neg = _fitness.cache_layer(model, variables, layer, problem.failing.x)
+    pos = _fitness.cache_layer(model, variables, layer, problem.passing.x)
+    rows, cols = np.array([0, 3]), np.array([1, 2])
+    w0 = k[rows, cols]
+    fit = arachne.make_fitness(pos, problem.passing.y, neg, problem.failing.y,
+                               rows, cols, w0, 2.0, form="eai")
+
+    def term(split):
+        z = model.apply(variables, split.x)
+        loss, ok = _fitness.cross_entropy_and_correct(z, split.y)
+        return (float(jnp.mean(ok)) + 1) / (float(jnp.mean(loss)) + 1)
+
+    np.testing.assert_allclose(float(fit(jnp.asarray(w0))),
+                               2.0 * term(problem.failing)
+                               + term(problem.passing), rtol=1e-5)
+    res = arachne.fix(jax.random.key(0), problem, _cfg(num_positive=50))
+    # eAI's scale: each term is at most 2 (coinse's counts ~ |I_pos|)
+    assert 0 < float(res.info["initial_fitness"]) <= 4.0
