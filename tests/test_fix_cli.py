@@ -101,3 +101,16 @@ def test_command_line(workdir):
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ra on digits/lenet5 x1: status ok" in r.stdout
+
+
+def test_time_budget_turns_an_overlong_fix_into_a_timeout(workdir):
+    """Issue 11 item 1: ``fix`` has a per-seed time budget, so no fixer can
+    run unbounded from the command line."""
+    status, m = fix_cli.run(_config(), "apricot", 1, workdir, overrides=[
+        "num_rdlms=3", "rdlm_per_class=20", "rdlm_epochs=50",
+        "max_passes=10"], time_budget_s=0.5)
+    assert status != 0
+    rec = m["seeds"][0]
+    assert rec["status"] == "failure" and "timeout" in rec["reason"]
+    with pytest.raises(ValueError, match="time budget"):
+        fix_cli.run(_config(), "ra", 1, workdir, time_budget_s=-1)

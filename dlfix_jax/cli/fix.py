@@ -46,6 +46,8 @@ flags.DEFINE_string("workdir", None, "Output directory.")
 flags.DEFINE_multi_string("fixer", [], "Fixer-config override key=value "
                           "(repeatable; nested keys with dots).")
 flags.DEFINE_integer("eval_batch_size", 1000, "Inputs per evaluation call.")
+flags.DEFINE_float("time_budget_s", 0.0, "Per-seed time budget in seconds (0: "
+                   "none); a seed past it is recorded as a timeout failure.")
 flags.DEFINE_string("export_h5", None, "Also write seed 0's fixed model to "
                     "this Keras .h5 file.")
 flags.mark_flags_as_required(["approach", "workdir"])
@@ -92,7 +94,8 @@ def main(argv):
     try:
         status, m = fix.run(config, FLAGS.approach, FLAGS.seeds,
                             FLAGS.workdir, FLAGS.fixer, FLAGS.eval_batch_size,
-                            base=FLAGS.base)
+                            base=FLAGS.base,
+                            time_budget_s=FLAGS.time_budget_s)
     except (checkpoint.CheckpointError, DataError, ValueError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -139,7 +139,8 @@ def check_fits(model, ds, base: str) -> None:
 
 def run(config, approach: str, num_seeds: int, workdir: str,
         overrides=(), eval_batch_size: int = 1000,
-        base: str | None = None) -> tuple[int, dict]:
+        base: str | None = None,
+        time_budget_s: float | None = None) -> tuple[int, dict]:
     """Fixes the base model; returns (exit status, metrics) (module doc).
 
     Args:
@@ -154,7 +155,12 @@ def run(config, approach: str, num_seeds: int, workdir: str,
       base: a training workdir, fixed-model directory or Keras ``.h5`` to
         fix as it is; None trains the config's base model into
         ``workdir/base``.
+      time_budget_s: per-seed time budget (None or 0: none); a seed past it
+        is a failure with a "timeout" reason, as in the study runner.
     """
+    if time_budget_s is not None and time_budget_s < 0:
+        raise ValueError(f"time budget must be >= 0 s, got {time_budget_s}")
+    budget = float(time_budget_s) if time_budget_s else None
     spec = get_spec(approach)
     cfg = apply_overrides(spec.default_config(), overrides)
     if base is not None:  # read first: a bad path fails before data loads
@@ -196,9 +202,9 @@ def run(config, approach: str, num_seeds: int, workdir: str,
                  "vmap" if spec.vmappable else "sequential")
     t0 = time.perf_counter()
     if spec.vmappable:
-        outs = runner.run_vmapped(spec, problem, cfg, keys, None)
+        outs = runner.run_vmapped(spec, problem, cfg, keys, budget)
     else:
-        outs = runner.run_sequential(spec, problem, cfg, keys, None)
+        outs = runner.run_sequential(spec, problem, cfg, keys, budget)
     wall = time.perf_counter() - t0
 
     ok = [s for s, o in enumerate(outs) if o["status"] == "ok"]
