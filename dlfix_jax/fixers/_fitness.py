@@ -135,3 +135,12 @@ def correct_score(z, y):
     fitness term)."""
     loss, ok = cross_entropy_and_correct(z, y)
     return jnp.sum(ok) + jnp.sum(jnp.where(ok, 0.0, 1.0 / (loss + 1.0)))
+
+
+def sample_with_replacement(key, n: int, *arrays):
+    """``arrays`` (equal leading size) at ``n`` rows drawn with replacement
+    with ``key`` (eAI's positive sampling); unchanged when ``n <= 0``."""
+    if n <= 0:
+        return arrays
+    sel = jax.random.choice(key, arrays[0].shape[0], (n,), replace=True)
+    return tuple(a[sel] for a in arrays)

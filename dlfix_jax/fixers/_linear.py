@@ -188,3 +188,19 @@ def constrained_points(key, problem, num_passing: int):
     y = np.concatenate([np.asarray(problem.failing.y),
                         np.asarray(problem.passing.y)[sel]]).astype(np.int64)
     return x, y, k
+
+
+def piecewise_linear_reason(model, needs: str) -> str | None:
+    """Why ``model`` is not a sequential piecewise-linear model with a Dense
+    layer (RA's and 3M's precondition), or None. ``needs`` names what needs
+    it, for the message."""
+    if getattr(model, "layers", None) is None:
+        return (f"model {model.name!r} is not sequential: {needs} a "
+                "sequential piecewise-linear model")
+    bad = sorted({s.kind for s in model.layers
+                  if s.kind not in layers_lib.PIECEWISE_LINEAR_KINDS})
+    if bad:
+        return f"model {model.name!r} has non-piecewise-linear layers {bad}"
+    if not any(s.kind == "dense" for s in model.layers):
+        return f"model {model.name!r} has no Dense layer to modify"
+    return None

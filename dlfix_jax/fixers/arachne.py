@@ -447,10 +447,8 @@ def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
             mean, std, lo, hi, *, population, max_generations, patience, cr,
             f_range, patch_aggr, num_positive, form="coinse"):
     k_init, k_pos, k_de = jax.random.split(key, 3)
-    if num_positive > 0:
-        sel = jax.random.choice(k_pos, h_pos.shape[0], (num_positive,),
-                                replace=True)
-        h_pos, y_pos, z_pos = h_pos[sel], y_pos[sel], z_pos[sel]
+    h_pos, y_pos, z_pos = _fitness.sample_with_replacement(
+        k_pos, num_positive, h_pos, y_pos, z_pos)
     pos = _fitness.LayerCache("", h_pos, z_pos, z_pos)
     neg = _fitness.LayerCache("", h_neg, z_neg, z_neg)
     fitness = make_fitness(pos, y_pos, neg, y_neg, rows, cols, w0, patch_aggr,
@@ -474,10 +472,8 @@ def _search_tail(key, tail_vars, flats, h_pos, y_pos, h_neg, y_neg, w0,
     layer's cached inputs ``h``, with the genes scattered into
     ``tail_vars``; ``mean``/``std``/``lo``/``hi`` are per gene."""
     k_init, k_pos, k_de = jax.random.split(key, 3)
-    if num_positive > 0:
-        sel = jax.random.choice(k_pos, h_pos.shape[0], (num_positive,),
-                                replace=True)
-        h_pos, y_pos = h_pos[sel], y_pos[sel]
+    h_pos, y_pos = _fitness.sample_with_replacement(k_pos, num_positive,
+                                                    h_pos, y_pos)
     idx = masks.Indices(leaves, tuple(flats), int(w0.shape[0]))
 
     def logits(v, h):

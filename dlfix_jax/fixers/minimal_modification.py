@@ -151,7 +151,6 @@ from dlfix_jax import masks
 from dlfix_jax.fixers import _linear
 from dlfix_jax.fixers import base
 from dlfix_jax.models import base as models_base
-from dlfix_jax.models import layers as layers_lib
 
 STATUS = ("optimal", "feasible", "time limit", "infeasible", "nothing to do")
 """``info["status"]`` codes."""
@@ -193,16 +192,10 @@ def check_config(cfg) -> None:
 def applicable(info: base.ProblemInfo) -> str | None:
     """None when 3M can modify the model; otherwise the reason."""
     model = info.model
-    if getattr(model, "layers", None) is None:
-        return (f"model {model.name!r} is not sequential: 3M's queries need "
-                "a sequential piecewise-linear model")
-    bad = sorted({s.kind for s in model.layers
-                  if s.kind not in layers_lib.PIECEWISE_LINEAR_KINDS})
-    if bad:
-        return f"model {model.name!r} has non-piecewise-linear layers {bad}"
+    reason = _linear.piecewise_linear_reason(model, "3M's queries need")
+    if reason:
+        return reason
     dense = [i for i, s in enumerate(model.layers) if s.kind == "dense"]
-    if not dense:
-        return f"model {model.name!r} has no Dense layer to modify"
     no_bias = [s.name for s in model.layers
                if s.kind == "dense" and not s.opts.get("use_bias", True)]
     if no_bias:

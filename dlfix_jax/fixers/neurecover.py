@@ -370,10 +370,8 @@ def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
             mean, std, v_min, v_max, *, particles, max_iterations, phi,
             patience, num_positive, alpha):
     k_init, k_pos, k_pso = jax.random.split(key, 3)
-    if num_positive > 0:
-        sel = jax.random.choice(k_pos, h_pos.shape[0], (num_positive,),
-                                replace=True)
-        h_pos, y_pos, z_pos = h_pos[sel], y_pos[sel], z_pos[sel]
+    h_pos, y_pos, z_pos = _fitness.sample_with_replacement(
+        k_pos, num_positive, h_pos, y_pos, z_pos)
     pos = _fitness.LayerCache("", h_pos, z_pos, z_pos)
     neg = _fitness.LayerCache("", h_neg, z_neg, z_neg)
     fitness = make_fitness(neg, y_neg, pos, y_pos, rows, cols, w0, alpha)

@@ -85,7 +85,6 @@ from dlfix_jax import predict as predict_lib
 from dlfix_jax.fixers import _linear
 from dlfix_jax.fixers import base
 from dlfix_jax.models import base as models_base
-from dlfix_jax.models import layers as layers_lib
 
 REPAIRABLE_KINDS = ("dense", "conv")
 NORMS = ("l1", "linf")
@@ -111,15 +110,10 @@ def check_config(cfg) -> None:
 def applicable(info: base.ProblemInfo) -> str | None:
     """None when RA can repair the model; otherwise the reason."""
     model = info.model
-    if getattr(model, "layers", None) is None:
-        return (f"model {model.name!r} is not sequential: the decoupled "
-                "network needs a sequential piecewise-linear model")
-    bad = sorted({s.kind for s in model.layers
-                  if s.kind not in layers_lib.PIECEWISE_LINEAR_KINDS})
-    if bad:
-        return f"model {model.name!r} has non-piecewise-linear layers {bad}"
-    if not any(s.kind == "dense" for s in model.layers):
-        return f"model {model.name!r} has no Dense layer to repair"
+    reason = _linear.piecewise_linear_reason(model, "the decoupled network "
+                                             "needs")
+    if reason:
+        return reason
     return None
 
 
