@@ -21,6 +21,7 @@ from dlfix_jax import data as data_lib
 from dlfix_jax import fixers
 from dlfix_jax.data.source import Source
 from dlfix_jax.fixers import base
+from dlfix_jax.metrics import classification
 from dlfix_jax.models import zoo
 from dlfix_jax.models.layers import spec
 from dlfix_jax.training import loop
@@ -102,3 +103,19 @@ def tiny_history_problem():
                     num_steps=3).variables
     return model, last, ds, fixers.make_problem(model, last, ds,
                                                 history=(prev, last))
+
+
+def assert_deterministic_and_repairs(fix, problem, cfg, key=0):
+    """Runs ``fix`` twice with one key: bit-equal variables and RR > 0 on
+    the repair set. Returns the first result."""
+    res = fix(jax.random.key(key), problem, cfg)
+    res2 = fix(jax.random.key(key), problem, cfg)
+    for a, b in zip(jax.tree_util.tree_leaves(res.variables),
+                    jax.tree_util.tree_leaves(res2.variables)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x, y = problem.repair.x, problem.repair.y
+    model = problem.model
+    rr = float(classification.flips(model.predict(problem.variables, x),
+                                    model.predict(res.variables, x), y)["rr"])
+    assert rr > 0, "repaired nothing on the repair set"
+    return res

@@ -7,7 +7,6 @@ import pytest
 
 import dlfix_jax.fixers as fixers
 from dlfix_jax.fixers import distrrep
-from dlfix_jax.metrics import classification
 from dlfix_jax.models import zoo
 from dlfix_jax.models.layers import spec
 from tests import fixtures
@@ -97,15 +96,7 @@ def test_fix_repairs_deterministically_inside_the_mask():
     model, variables, _, problem = fixtures.tiny_mlp_problem()
     s = fixers.get("distrrep")
     cfg = fixers.fixer_config(s, TINY)
-    res = s.fix(jax.random.key(0), problem, cfg)
-    res2 = s.fix(jax.random.key(0), problem, cfg)
-    for a, b in zip(jax.tree_util.tree_leaves(res.variables),
-                    jax.tree_util.tree_leaves(res2.variables)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    x, y = problem.repair.x, problem.repair.y
-    rr = float(classification.flips(model.predict(variables, x),
-                                    model.predict(res.variables, x), y)["rr"])
-    assert rr > 0
+    res = fixtures.assert_deterministic_and_repairs(s.fix, problem, cfg)
     assert fixtures.changed_outside(res.mask, variables["params"],
                                     res.variables["params"]) == 0
     assert fixers.base.mask_count(res.mask) == int(res.info["num_union"])

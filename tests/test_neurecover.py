@@ -10,7 +10,6 @@ import pytest
 
 import dlfix_jax.fixers as fixers
 from dlfix_jax.fixers import neurecover as nr
-from dlfix_jax.metrics import classification
 from dlfix_jax.models import zoo
 from tests import fixtures
 
@@ -127,15 +126,7 @@ def test_localise_equals_a_naive_computation():
 def test_fix_repairs_deterministically_and_changes_only_the_localised():
     model, variables, _, problem = history_problem()
     cfg = fixers.get("neurecover").config(TINY)
-    res = nr.fix(jax.random.key(0), problem, cfg)
-    res2 = nr.fix(jax.random.key(0), problem, cfg)
-    for a, b in zip(jax.tree_util.tree_leaves(res.variables),
-                    jax.tree_util.tree_leaves(res2.variables)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    x, y = problem.repair.x, problem.repair.y
-    rr = float(classification.flips(model.predict(variables, x),
-                                    model.predict(res.variables, x), y)["rr"])
-    assert rr > 0
+    res = fixtures.assert_deterministic_and_repairs(nr.fix, problem, cfg)
     idx = np.asarray(res.info["localised"])
     want = np.zeros((32, 10), bool)
     want[idx[:, 0], idx[:, 1]] = True

@@ -204,3 +204,22 @@ def piecewise_linear_reason(model, needs: str) -> str | None:
     if not any(s.kind == "dense" for s in model.layers):
         return f"model {model.name!r} has no Dense layer to modify"
     return None
+
+
+def layer_index(model, name: str, kinds, who: str,
+                allowed: str = "", verb: str = "modified") -> int:
+    """Index of the layer ``name`` ("": the last Dense layer) that ``who``
+    modifies; raises ValueError when it is missing or not of ``kinds``
+    (``allowed`` names them in the message)."""
+    names = [s.name for s in model.layers]
+    if not name:
+        return [i for i, s in enumerate(model.layers) if s.kind == "dense"][-1]
+    if name not in names:
+        raise ValueError(f"{who}: no layer {name!r} in model {model.name!r}; "
+                         f"layers: {names}")
+    i = names.index(name)
+    if model.layers[i].kind not in kinds:
+        raise ValueError(f"{who}: layer {name!r} is a {model.layers[i].kind!r}"
+                         f"; only {allowed or tuple(kinds)} layers can be "
+                         f"{verb}")
+    return i

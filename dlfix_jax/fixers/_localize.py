@@ -25,6 +25,8 @@ share them.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,14 +49,13 @@ def dense_gradient(kernel: np.ndarray, bias: np.ndarray, h: np.ndarray,
     return np.abs(h.T @ p)
 
 
-def grad_scores(model, variables, layer: str, x, y, *, leaf: str = "kernel",
-                batch_size: int = 256) -> np.ndarray:
-    """``|d sum_n CE(f(x_n), y_n) / d params[layer][leaf]|`` through the
-    whole model (inference mode), accumulated over batches of ``x``."""
-    params = variables["params"]
-    target = models_base.get_layer_params(params, layer)[leaf]
+@functools.lru_cache(maxsize=64)
+def _grad_kernel(model, layer: str, leaf: str):
+    """Jitted ``d sum CE / d params[layer][leaf]`` (one per model, layer and
+    leaf: a second call with the same shapes compiles nothing)."""
 
-    def loss(w, xb, yb):
+    def loss(w, variables, xb, yb):
+        params = variables["params"]
         lp = dict(models_base.get_layer_params(params, layer))
         lp[leaf] = w
         v = dict(variables)
@@ -63,12 +64,21 @@ def grad_scores(model, variables, layer: str, x, y, *, leaf: str = "kernel",
         lse = jax.nn.logsumexp(z, axis=-1)
         return jnp.sum(lse - jnp.take_along_axis(z, yb[:, None], -1)[:, 0])
 
-    g = jax.jit(jax.grad(loss))
+    return jax.jit(jax.grad(loss))
+
+
+def grad_scores(model, variables, layer: str, x, y, *, leaf: str = "kernel",
+                batch_size: int = 256) -> np.ndarray:
+    """``|d sum_n CE(f(x_n), y_n) / d params[layer][leaf]|`` through the
+    whole model (inference mode), accumulated over batches of ``x``."""
+    target = models_base.get_layer_params(variables["params"], layer)[leaf]
+    g = _grad_kernel(model, layer, leaf)
     total = np.zeros(np.shape(target), np.float64)
     x = np.asarray(x)
     y = np.asarray(y, np.int32)
     for i in range(0, len(x), batch_size):
-        total += np.asarray(g(target, jnp.asarray(x[i:i + batch_size]),
+        total += np.asarray(g(target, variables,
+                              jnp.asarray(x[i:i + batch_size]),
                               jnp.asarray(y[i:i + batch_size])), np.float64)
     return np.abs(total)
 

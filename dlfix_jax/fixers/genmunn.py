@@ -94,8 +94,8 @@ has static shapes. ``jax.vmap(fix, in_axes=(0, None, None))`` over keys
 works (vmappable); the acceptance decision is a traced ``jnp.where`` on
 the selected entries. The gradient kernel and the search are module-level
 jits keyed by the (structurally hashed) tail model, so a second call with
-the same shapes compiles nothing (``_localize.grad_scores`` builds a fresh
-jit per call, hence our one-pass tail gradient over all Dense kernels).
+the same shapes compiles nothing; the gradient is one pass over the tail
+for all Dense kernels at once (``_localize.grad_scores`` takes one layer).
 """
 
 from __future__ import annotations

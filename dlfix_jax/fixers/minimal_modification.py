@@ -212,16 +212,9 @@ def applicable(info: base.ProblemInfo) -> str | None:
 
 def _layer_index(model, name: str) -> int:
     """Index of the modified layer; raises ValueError when not supported."""
-    names = [s.name for s in model.layers]
-    if not name:
-        return [i for i, s in enumerate(model.layers) if s.kind == "dense"][-1]
-    if name not in names:
-        raise ValueError(f"3M: no layer {name!r} in model {model.name!r}; "
-                         f"layers: {names}")
-    i = names.index(name)
-    if model.layers[i].kind != "dense":
-        raise ValueError(f"3M: layer {name!r} is a {model.layers[i].kind!r}; "
-                         "only Dense layers can be modified")
+    i = _linear.layer_index(model, name, ("dense",), "3M", "Dense")
+    if not name:  # the default (last Dense) needs no tail check
+        return i
     bad = [s.kind for s in model.layers[i + 1:] if s.kind not in TAIL_KINDS]
     if bad:
         raise ValueError(f"3M: layer {name!r} is followed by "

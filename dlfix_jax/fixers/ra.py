@@ -118,18 +118,8 @@ def applicable(info: base.ProblemInfo) -> str | None:
 
 
 def _layer_index(model, name: str) -> int:
-    names = [s.name for s in model.layers]
-    if not name:
-        dense = [i for i, s in enumerate(model.layers) if s.kind == "dense"]
-        return dense[-1]
-    if name not in names:
-        raise ValueError(f"RA: no layer {name!r} in model {model.name!r}; "
-                         f"layers: {names}")
-    i = names.index(name)
-    if model.layers[i].kind not in REPAIRABLE_KINDS:
-        raise ValueError(f"RA: layer {name!r} is a {model.layers[i].kind!r}; "
-                         f"only {REPAIRABLE_KINDS} layers can be repaired")
-    return i
+    return _linear.layer_index(model, name, REPAIRABLE_KINDS, "RA",
+                               verb="repaired")
 
 
 def margins(model, variables, x, y) -> np.ndarray:
