@@ -30,30 +30,53 @@ final model, normally ``history[-1]``).
    * ``susp_k = finorm_deg,k / (finorm_deg,k + finorm_imp,k) * diffnorm_k``
      (0 when ``finorm_deg,k = 0``);
    * ``n_k = round(|W_k| * susp_k * reduction_rate)``, ``reduction_rate = 1``.
-3. **Localised set** of the target kernel (:func:`localised_set`)::
+3. **Localised set** of every Dense kernel ``k`` (:func:`localised_set`,
+   :func:`localise`), with its own ``n = n_k``::
 
-     L = top_n(D) & top_n(FI_deg) & top_n(G_deg) - (top_n(FI_imp) & top_n(G_imp))
+     L_k = top_n(D) & top_n(FI_deg) & top_n(G_deg)
+           - (top_n(FI_imp) & top_n(G_imp))
 
-   with ``D = |dW|`` and ``G_s = |d sum_{x in s} CE / dW|`` (closed form,
-   :func:`dlfix_jax.fixers._localize.dense_gradient`); rankings descending,
-   ties broken by the lower flat position (``_localize.top_k``).
-4. **Search**: the eAI constriction PSO (:func:`dlfix_jax.search.pso_constriction`,
-   shared with the Arachne family): 100 particles x at most 100 iterations,
-   ``phi = 4.1`` (chi ~ 0.7298), scalar rho per particle, velocities start
-   at 0, ``|v|`` clamped into ``[wb/5, 5 wb]`` (``wb`` = max - min of the
-   target kernel; the floor forces motion), stop when the best of the last
-   10 iterations does not beat the best before them. Positions start from
-   N(mean, std) of the target kernel. The fitness (maximised) on cached
-   activations (:mod:`dlfix_jax.fixers._fitness`; the whole swarm is one
-   ``vmap``-ed call per iteration, inside ``lax.while_loop``)::
+   with ``D = |dW_k|`` and ``G_s = |d sum_{x in s} CE / dW_k|`` through the
+   whole model (:func:`ce_gradients`); rankings descending, ties broken by
+   the lower flat position (``_localize.top_k``). ``L`` is the union of
+   the ``L_k`` (the original's ``localized_weights``); it may span several
+   layers, e.g. one weight each in the first and second Dense kernels of
+   an MNIST LeNet5.
+4. **Search**: the eAI constriction PSO
+   (:func:`dlfix_jax.search.pso_constriction`, shared with the Arachne
+   family) over ONE particle vector holding every
+   entry of ``L`` (order of :func:`dlfix_jax.masks.indices_of`):
+   100 particles x at most 100 iterations, ``phi = 4.1`` (chi ~ 0.7298),
+   scalar rho per particle, velocities start at 0, ``|v|`` clamped into
+   ``[wb/5, 5 wb]`` per entry with ``wb`` = max - min of **that entry's**
+   kernel (eAI's per-layer velocity bounds; the floor forces motion), stop
+   when the best of the last 10 iterations does not beat the best before
+   them. Each entry starts from N(mean, std) of its own kernel. The
+   fitness (maximised)::
 
-     F = (N_patched/|I_neg| + 1)/(L_neg + 1) + alpha (N_intact/|P| + 1)/(L_pos + 1)
+     F = (N_patched/|I_neg| + 1)/(L_neg + 1)
+         + alpha (N_intact/|P| + 1)/(L_pos + 1)
 
    with ``L`` the mean cross-entropy over the set, ``alpha = 1``, and ``P``
-   200 passing inputs drawn **with replacement** (key-dependent).
+   200 passing inputs drawn **with replacement** (key-dependent). The whole
+   swarm is one ``vmap``-ed call per iteration, inside ``lax.while_loop``:
+
+   * all of ``L`` in the logits layer: cached-activation fitness
+     (:mod:`dlfix_jax.fixers._fitness`), a candidate only adds
+     ``h[:, rows] @ ...`` to the cached logits;
+   * otherwise the input ``h`` and output ``out`` of the earliest
+     localised Dense layer are cached once; a candidate changes that
+     layer's output by ``h[:, rows] @ ((v - w0) onehot(cols))`` (low rank,
+     as ``_fitness.candidate_logits``) and runs the rest of the model
+     (``models.base.split_at``) with its other entries scattered into the
+     later kernels (:func:`multi_layer_setup`, :func:`multi_layer_logits`;
+     the scheme of Arachne's ``localisation="all"``, without re-running
+     the first layer's full matmul). A non-sequential model whose ``L``
+     leaves the logits layer runs the whole model from the raw inputs.
 5. The best vector is written into the localised kernel entries; every
    other parameter is bit-for-bit the original. ``FixResult.mask`` = the
-   localised entries.
+   localised entries; ``info["localised_layer"]`` gives each entry's
+   position in :func:`dense_layers`.
 
 Localisation depends only on the problem (never on the key) and runs on the
 host before the search, so the search has static shapes, a second call with
@@ -62,6 +85,11 @@ None))`` works (as for Arachne; ``fix`` must not be wrapped in ``jax.jit``).
 
 Defaults and where they come from
 ---------------------------------
+* ``localisation = "all"``: every Dense kernel, as the original (eAI
+  NeuRecover's per-tensor loop). ``"last"`` restricts ``L`` to the logits
+  Dense kernel (``n_k`` still over every tensor); it was this module's
+  behaviour before issue 9 and is kept as a cheaper option (it fails where
+  the logits kernel's ``L_k`` is empty, e.g. both MNIST bases below).
 * ``particles = 100``, ``max_iterations = 100``, ``phi = 4.1``,
   ``patience = 10``, ``num_positive = 200`` (with replacement),
   ``v_min_factor = 0.2``, ``v_max_factor = 5.0`` (``[wb/5, 5 wb]``):
@@ -76,14 +104,7 @@ Deviations from the original
 * **Gradient rankings use the loss.** The original differentiates the sum of
   the model's (softmax) outputs, which is identically 1, so its gradients
   are numerically zero and ``G`` is noise. We use ``|d sum CE / dW|`` on
-  ``deg`` (resp. ``imp``) with their true labels.
-* **Only the last Dense (logits) kernel is searched.** Suspiciousness and
-  ``n_k`` are computed over every parameter tensor as in the original (so
-  the normalisations match), but the localised set and the search are
-  restricted to the logits layer, as our Arachne's default: the
-  cached-activation fitness scores one layer. The original can localise in
-  several Dense kernels at once. ``info["num_per_layer"]`` reports ``n_k`` of
-  every Dense kernel so the restriction is visible.
+  ``deg`` (resp. ``imp``) with their true labels, through the whole model.
 * **No positional indexing.** The original pairs tensors as
   ``[kernel, bias]`` per layer (``layer_index * 2``) and takes the "previous
   layer in list order" as a Dense layer's input, which breaks on BatchNorm
@@ -93,9 +114,9 @@ Deviations from the original
   BatchNorm moving statistics; they never reach ``L``).
 * **Empty improvement set**: the original would average over no inputs
   (NaN); we take ``finorm_imp = 0`` and subtract nothing. **No regression**
-  in the repair split (or an empty ``L``): nothing to repair; ``fix`` raises
-  ``ValueError`` saying so.
-* Initial particles from N(mean, std) of the whole target kernel (eAI uses
+  in the repair split (or an empty ``L`` in every Dense kernel): nothing to
+  repair; ``fix`` raises ``ValueError`` saying so (with every ``n_k``).
+* Initial particles from N(mean, std) of the entry's whole kernel (eAI uses
   each weight's "sibling" statistics, excluding its own row and column; the
   same simplification as our Arachne).
 * All particles move synchronously and are scored in one batched call (eAI
@@ -108,20 +129,35 @@ As in the original, the unchanged weights are not a particle, so the best
 particle can score below the original model (compare ``info``'s
 ``best_fitness`` and ``initial_fitness``); nothing keeps the original.
 
-Measured (2 shared CPU cores): on the tiny MLP with a two-checkpoint
-history (``tests/test_neurecover.py``: 39 failing repair inputs, 31
-regressions, 5 improvements, n = 54, |L| = 2) the defaults stop after 12-17
-iterations; 3 seeds in one vmapped call take 9.5 s with compilation, 0.13 s
-without; repair RR 46.2 / NFR 1.0. On the digits LeNet5 of ``make study``
-(15 epochs) the last two epochs differ on 5 regressions and 3 improvements
-of the 200 repair inputs, and ``L`` is empty in every Dense kernel (n_k =
-818 / 369 / 45; the improvement subtraction removes the 2 and 1 weights the
-second and logits kernels would otherwise keep), so ``fix`` fails with that
-reason in ~0.7 s (3 seeds).
+Measured (2 CPU cores shared with other jobs, load 8-15)
+--------------------------------------------------------
+* Tiny MLP with a two-checkpoint history (``tests/test_neurecover.py``;
+  39 failing repair inputs, 31 regressions, 5 improvements): ``n_k`` =
+  1933 / 54, ``L`` = 45 weights of ``dense1`` + 2 of ``dense2``, searched
+  jointly from ``dense1``'s cached input (``"last"``: the 2 of
+  ``dense2``). 3 seeds in one vmapped call: 18.7 s with compilation,
+  0.55 s without (21-40 iterations).
+* ``benchmarks.fidelity --base`` (our MNIST LeNet5 workdirs, 3 seeds,
+  defaults; test ACC / RR / NFR): Adam 1e-3 constant lr, 10 epochs (71
+  failing repair inputs; 25 regressions, 38 improvements; ``n_k`` = 859 /
+  448 / 44; ``L`` = 2 weights of ``dense2``): 98.77 / 16.67 / 0.07 (orig
+  ACC 98.60). Same with a cosine schedule (2 regressions, 2 improvements;
+  ``n_k`` = 770 / 387 / 44; ``L`` = 1 weight of ``dense1`` + 1 of
+  ``dense2``): 98.90 / 5.88 / 0.14 (orig 98.98). Per seed 3-5 s after a
+  first seed of 15-45 s (compilation). ``"last"`` localises nothing on
+  either (the logits kernel's ``L_k`` is empty). Study (its own model and
+  history): 96.73 / 9.84 / 1.38.
+* Digits LeNet5 of ``make study`` (15 epochs): the last two epochs differ
+  on 5 regressions and 3 improvements of the 200 repair inputs; before
+  the improvement subtraction the three Dense kernels keep 0 / 2 / 1
+  weights (``n_k`` = 818 / 369 / 45) and the subtraction removes them, so
+  ``L`` is empty and ``fix`` fails with that reason in ~3 s (3 seeds,
+  vmapped).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -143,6 +179,9 @@ PAPER = ("Tokui, Tokumoto, Yoshii, Ishikawa, Nakagawa, Munakata, Kikuchi. "
          "with Training History. SANER 2022")
 
 
+LOCALISATIONS = ("all", "last")
+
+
 def default_config() -> ml_collections.ConfigDict:
     """NeuRecover's defaults (see the module docstring for their sources)."""
     cfg = ml_collections.ConfigDict()
@@ -156,6 +195,8 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.alpha = 1.0
     cfg.reduction_rate = 1.0
     cfg.batch_size = 1024      # for caching activations
+    # "all": every Dense kernel (the original); "last": the logits kernel
+    cfg.localisation = "all"
     return cfg
 
 
@@ -167,6 +208,9 @@ def check_config(cfg) -> None:
                       batch_size=(1, None))
     if not cfg.phi > 4.0:
         raise ValueError(f"config phi={cfg.phi} must be > 4 (constriction)")
+    if cfg.localisation not in LOCALISATIONS:
+        raise ValueError(f"config localisation={cfg.localisation!r} is not one "
+                         f"of {LOCALISATIONS}")
     if cfg.v_min_factor > cfg.v_max_factor:
         raise ValueError(f"config v_min_factor={cfg.v_min_factor} > "
                          f"v_max_factor={cfg.v_max_factor}")
@@ -241,9 +285,16 @@ def localised_set(delta, fi_deg, g_deg, fi_imp, g_imp, n: int,
     return np.sort(keep).astype(np.int64)
 
 
-def _dense_layers(params) -> list[str]:
-    return [n for n in models_base.param_layers(params)
-            if np.ndim(models_base.get_layer_params(params, n)["kernel"]) == 2]
+def dense_layers(model: models_base.Model, params) -> tuple[str, ...]:
+    """The Dense layers (2-D kernels) NeuRecover localises over: a
+    sequential model's in layer order, a non-sequential model's in
+    parameter-tree order."""
+    if model.is_sequential:
+        names = [s.name for s in model.layers if s.kind == "dense"]
+    else:
+        names = models_base.param_layers(params)
+    return tuple(n for n in names if np.ndim(
+        models_base.get_layer_params(params, n)["kernel"]) == 2)
 
 
 def _dense_inputs(model, variables, layers, x, batch_size) -> dict:
@@ -263,22 +314,53 @@ def _dense_inputs(model, variables, layers, x, batch_size) -> dict:
     return res
 
 
-def localise(model, variables, prev, last, x, y, layer: str,
+@functools.lru_cache(maxsize=None)
+def _ce_grad_fn(model: models_base.Model):
+    """Jitted ``(params, rest, x, y) -> d sum CE / d params`` (cached per
+    model so repeated fixes compile it once)."""
+    def loss(p, rest, xb, yb):
+        z = model.apply(dict(rest, params=p), xb).astype(jnp.float32)
+        ce, _ = _fitness.cross_entropy_and_correct(z, yb)
+        return jnp.sum(ce)
+    return jax.jit(jax.grad(loss))
+
+
+def ce_gradients(model, variables, x, y, batch_size: int = 1024) -> dict:
+    """``|d sum_x CE(x) / dW|`` (float64) of every parameter, through the
+    whole model (eval mode), summed over ``x``; zeros when ``x`` is empty."""
+    params = variables["params"]
+    rest = {k: v for k, v in variables.items() if k != "params"}
+    grad_fn = _ce_grad_fn(model)
+    acc = jax.tree_util.tree_map(
+        lambda p: np.zeros(np.shape(p), np.float64), params)
+    for i in range(0, len(x), batch_size):
+        g = grad_fn(params, rest, jnp.asarray(x[i:i + batch_size]),
+                    jnp.asarray(y[i:i + batch_size], jnp.int32))
+        acc = jax.tree_util.tree_map(
+            lambda a, b: a + np.asarray(b, np.float64), acc, g)
+    return jax.tree_util.tree_map(np.abs, acc)
+
+
+def localise(model, variables, prev, last, x, y, layers=None,
              reduction_rate: float = 1.0, batch_size: int = 1024) -> dict:
-    """NeuRecover's localisation on ``layer`` (the logits Dense).
+    """NeuRecover's localisation, per Dense kernel of ``layers``.
 
     Args:
       model: the model; ``variables`` the repaired model (forward impact and
         gradients are taken on it); ``prev``, ``last`` the checkpoints T-1
         and T.
       x, y: the repair split (I_neg u I_pos).
-      layer: the target Dense layer (its output must be the logits).
+      layers: the Dense layers whose localised sets are returned (default
+        :func:`dense_layers`, the original's); ``n_k`` is always computed
+        over every parameter tensor.
 
     Returns:
-      dict with ``indices`` (k, 2) kernel positions (C order), ``deg`` and
+      dict with ``layers`` (the tuple localised over), ``indices`` (k, 2)
+      kernel positions (C order within a layer, layers in ``layers``
+      order), ``layer`` (k,) each one's position in ``layers``, ``deg`` and
       ``imp`` masks over ``x``, ``susp`` {tensor path: susp_k},
-      ``num_per_layer`` {Dense layer: n_k of its kernel} and ``n`` (n_k of
-      the target kernel).
+      ``num_per_layer`` {Dense layer: n_k of its kernel} (every Dense
+      layer) and ``per_layer`` {layer in ``layers``: its (k_l, 2) set}.
     """
     x = np.asarray(x)
     y = np.asarray(y, np.int32)
@@ -287,6 +369,14 @@ def localise(model, variables, prev, last, x, y, layer: str,
     deg, imp = regressions(p_prev, p_last, y)
 
     params = variables["params"]
+    all_dense = dense_layers(model, params)
+    if isinstance(layers, str):
+        layers = (layers,)
+    layers = all_dense if layers is None else tuple(layers)
+    for n in layers:
+        if n not in all_dense:
+            raise ValueError(f"NeuRecover: {n!r} is not a Dense layer of the "
+                             f"model (Dense layers: {list(all_dense)})")
     leaves_prev = jax.tree_util.tree_flatten_with_path(prev["params"])[0]
     leaves_last = jax.tree_util.tree_flatten(last["params"])[0]
     paths = [jax.tree_util.keystr(p) for p, _ in leaves_prev]
@@ -296,13 +386,12 @@ def localise(model, variables, prev, last, x, y, layer: str,
         if np.size(a) else 0.0
         for (_, a), b in zip(leaves_prev, leaves_last)])
 
-    dense = _dense_layers(params)
-    acts_deg = _dense_inputs(model, variables, dense, x[deg], batch_size)
-    acts_imp = _dense_inputs(model, variables, dense, x[imp], batch_size)
+    acts_deg = _dense_inputs(model, variables, all_dense, x[deg], batch_size)
+    acts_imp = _dense_inputs(model, variables, all_dense, x[imp], batch_size)
     kpath = {}
     fi_deg = {}
     fi_imp = {}
-    for n in dense:
+    for n in all_dense:
         kernel = np.asarray(models_base.get_layer_params(params, n)["kernel"])
         fi_deg[n] = forward_impact(kernel, acts_deg[n])
         fi_imp[n] = forward_impact(kernel, acts_imp[n])
@@ -318,47 +407,65 @@ def localise(model, variables, prev, last, x, y, layer: str,
                  for p, s, v in zip(paths, sizes, susp)}
     num_per_layer = {kpath[p]: n_by_path[p] for p in paths if p in kpath}
 
-    lp = models_base.get_layer_params(params, layer)
-    kernel = np.asarray(lp["kernel"], np.float32)
-    bias = np.asarray(lp.get("bias", np.zeros(kernel.shape[1])), np.float32)
-    delta = (np.asarray(models_base.get_layer_params(
-        last["params"], layer)["kernel"], np.float64)
-        - np.asarray(models_base.get_layer_params(
-            prev["params"], layer)["kernel"], np.float64))
-    g_deg = _localize.dense_gradient(kernel, bias, acts_deg[layer], y[deg])
-    g_imp = _localize.dense_gradient(kernel, bias, acts_imp[layer], y[imp])
-    n = num_per_layer[layer]
-    flat = localised_set(delta, fi_deg[layer], g_deg, fi_imp[layer], g_imp,
-                         n, has_imp=bool(imp.any()))
-    idx = np.stack(np.unravel_index(flat, kernel.shape), axis=1).astype(
-        np.int32)
-    return {"indices": idx, "deg": deg, "imp": imp,
+    g_deg = ce_gradients(model, variables, x[deg], y[deg], batch_size)
+    g_imp = ce_gradients(model, variables, x[imp], y[imp], batch_size)
+    per_layer, idxs, lays = {}, [], []
+    for i, n in enumerate(layers):
+        kernel = np.asarray(models_base.get_layer_params(params, n)["kernel"])
+        delta = (np.asarray(models_base.get_layer_params(
+            last["params"], n)["kernel"], np.float64)
+            - np.asarray(models_base.get_layer_params(
+                prev["params"], n)["kernel"], np.float64))
+        flat = localised_set(
+            delta, fi_deg[n], models_base.get_layer_params(g_deg, n)["kernel"],
+            fi_imp[n], models_base.get_layer_params(g_imp, n)["kernel"],
+            num_per_layer[n], has_imp=bool(imp.any()))
+        idx = np.stack(np.unravel_index(flat, kernel.shape), axis=1).astype(
+            np.int32).reshape(-1, 2)
+        per_layer[n] = idx
+        idxs.append(idx)
+        lays.append(np.full((len(idx),), i, np.int32))
+    return {"layers": layers,
+            "indices": (np.concatenate(idxs) if idxs
+                        else np.zeros((0, 2), np.int32)),
+            "layer": (np.concatenate(lays) if lays
+                      else np.zeros((0,), np.int32)),
+            "deg": deg, "imp": imp,
             "susp": dict(zip(paths, susp.tolist())),
-            "num_per_layer": num_per_layer, "n": n}
+            "num_per_layer": num_per_layer, "per_layer": per_layer}
 
 
 # ---------------------------------------------------------------------------
 # Fitness and search (pure JAX)
 # ---------------------------------------------------------------------------
 
-def make_fitness(neg: _fitness.LayerCache, y_neg, pos: _fitness.LayerCache,
-                 y_pos, rows, cols, w0, alpha: float):
-    """NeuRecover's fitness of one candidate ``v`` (k,) (maximise):
+def _term(z, y):
+    """``(acc + 1) / (mean CE + 1)`` of logits ``z`` on labels ``y``."""
+    loss, ok = _fitness.cross_entropy_and_correct(z, y)
+    return (jnp.mean(ok) + 1.0) / (jnp.mean(loss) + 1.0)
+
+
+def combine(z_neg, y_neg, z_pos, y_pos, alpha: float):
+    """NeuRecover's fitness from the logits on I_neg and on P:
     ``(acc(I_neg) + 1)/(L_neg + 1) + alpha (acc(P) + 1)/(L_pos + 1)``, ``L``
     the mean cross-entropy; an empty ``P`` contributes 0."""
+    f = _term(z_neg, y_neg)
+    if y_pos.shape[0] > 0:
+        f = f + alpha * _term(z_pos, y_pos)
+    return f
+
+
+def make_fitness(neg: _fitness.LayerCache, y_neg, pos: _fitness.LayerCache,
+                 y_pos, rows, cols, w0, alpha: float):
+    """NeuRecover's fitness (:func:`combine`, maximise) of one candidate
+    ``v`` (k,) for kernel entries of the cached (logits) layer."""
     zn = _fitness.candidate_logits(neg, rows, cols, w0)
     zp = _fitness.candidate_logits(pos, rows, cols, w0)
     y_neg, y_pos = jnp.asarray(y_neg), jnp.asarray(y_pos)
 
-    def term(z, y):
-        loss, ok = _fitness.cross_entropy_and_correct(z, y)
-        return (jnp.mean(ok) + 1.0) / (jnp.mean(loss) + 1.0)
-
     def fitness(v):
-        f = term(zn(v), y_neg)
-        if y_pos.shape[0] > 0:
-            f = f + alpha * term(zp(v), y_pos)
-        return f
+        return combine(zn(v), y_neg, zp(v) if y_pos.shape[0] else None,
+                       y_pos, alpha)
 
     return fitness
 
@@ -369,6 +476,8 @@ def make_fitness(neg: _fitness.LayerCache, y_neg, pos: _fitness.LayerCache,
 def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
             mean, std, v_min, v_max, *, particles, max_iterations, phi,
             patience, num_positive, alpha):
+    """The search when every localised weight is in the logits layer: a
+    candidate only adds ``h[:, rows] @ ...`` to the cached logits."""
     k_init, k_pos, k_pso = jax.random.split(key, 3)
     h_pos, y_pos, z_pos = _fitness.sample_with_replacement(
         k_pos, num_positive, h_pos, y_pos, z_pos)
@@ -376,6 +485,158 @@ def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
     neg = _fitness.LayerCache("", h_neg, z_neg, z_neg)
     fitness = make_fitness(neg, y_neg, pos, y_pos, rows, cols, w0, alpha)
     init = mean + std * jax.random.normal(k_init, (particles, rows.shape[0]))
+    res = search.pso_constriction(
+        k_pso, fitness, init, max_iterations=max_iterations, phi=phi,
+        v_min=v_min, v_max=v_max, patience=patience)
+    return res, fitness(w0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class MultiLayerSetup:
+    """How a candidate over kernel entries of several Dense layers is
+    scored from the cached input ``h`` and output ``out`` of the earliest
+    one (``first``; :func:`multi_layer_setup`).
+
+    Attributes:
+      first_genes: (k1,) positions in the particle of ``first``'s entries,
+        whose change enters as ``out + h[:, rows] @ ((v - w0) onehot(cols))``
+        (as :func:`dlfix_jax.fixers._fitness.candidate_logits`).
+      rows, cols, w0: those entries' kernel positions and original values.
+      rest_genes: (k2,) positions of the other entries, scattered into the
+        parameters of ``tail`` (the model after ``first``) at ``rest_idx``.
+      tail, tail_vars: the model after ``first`` and its variables.
+    """
+
+    first_genes: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    w0: np.ndarray
+    rest_genes: np.ndarray
+    rest_idx: masks.Indices
+    tail: models_base.Model
+    tail_vars: dict
+
+
+def multi_layer_setup(model, variables, first: str, mask, genes_layer,
+                      layers, rows, cols, w0) -> MultiLayerSetup:
+    """The host part of a candidate-logits function over the entries of
+    ``mask`` (kernel entries of Dense layers, ``first`` the earliest) of a
+    sequential model; the particle's order is ``masks.indices_of(mask)``,
+    gene ``g`` in ``layers[genes_layer[g]]`` at ``(rows[g], cols[g])``.
+
+    (Arachne's ``localisation="all"`` and GenMuNN score several Dense
+    kernels the same way but re-run the first layer's whole matmul; this
+    low-rank form belongs next to ``candidate_logits`` in
+    :mod:`dlfix_jax.fixers._fitness`.)
+    """
+    names = [s.name for s in model.layers]
+    is_first = np.asarray([layers[i] == first for i in genes_layer])
+    _, tail = models_base.split_at(model, first, variables)
+    _, tail_vars = models_base.split_variables_at(model, first, variables)
+    rest_mask = jax.tree_util.tree_map(np.asarray, mask)
+    rest_mask = models_base.set_layer_params(
+        rest_mask, first, jax.tree_util.tree_map(
+            np.zeros_like, models_base.get_layer_params(rest_mask, first)))
+    rest_idx = masks.indices_of(models_base.split_variables(
+        {"params": rest_mask}, names[names.index(first) + 1:])
+        .get("params", {}))
+    g_rest = masks.indices_of(rest_mask)
+    if (rest_idx.size != g_rest.size
+            or not all(np.array_equal(a, b)
+                       for a, b in zip(rest_idx.flat, g_rest.flat))):
+        raise AssertionError("NeuRecover: tail and model gene orders differ")
+    sel = np.flatnonzero(is_first).astype(np.int32)
+    return MultiLayerSetup(
+        sel, np.asarray(rows)[sel], np.asarray(cols)[sel],
+        np.asarray(w0, np.float32)[sel],
+        np.flatnonzero(~is_first).astype(np.int32), rest_idx, tail, tail_vars)
+
+
+def multi_layer_logits(setup: MultiLayerSetup, h, out):
+    """``v (k,) -> (N, C)`` logits of the model with the entries of
+    :func:`multi_layer_setup` set to ``v``, from the earliest layer's cached
+    input ``h`` (N, d) and output ``out`` (N, u). Traceable."""
+    units = out.shape[1]
+    onehot = jax.nn.one_hot(jnp.asarray(setup.cols), units,
+                            dtype=jnp.float32)
+    hs = jnp.asarray(h)[:, jnp.asarray(setup.rows)]
+    out = jnp.asarray(out)
+    w0 = jnp.asarray(setup.w0)
+    g1, g2 = jnp.asarray(setup.first_genes), jnp.asarray(setup.rest_genes)
+    tail_vars = setup.tail_vars
+
+    def logits(v):
+        o = out + hs @ ((v[g1] - w0)[:, None] * onehot)
+        tv = tail_vars
+        if setup.rest_idx.size:
+            tv = dict(tail_vars)
+            tv["params"] = masks.scatter(tail_vars["params"], setup.rest_idx,
+                                         v[g2])
+        return setup.tail.apply(tv, o).astype(jnp.float32)
+
+    return logits
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "tail", "rest_leaves", "particles", "max_iterations", "phi", "patience",
+    "num_positive", "alpha"))
+def _search_tail(key, h_pos, o_pos, y_pos, h_neg, o_neg, y_neg, w0, mean,
+                 std, v_min, v_max, arrays, *, tail, rest_leaves, particles,
+                 max_iterations, phi, patience, num_positive, alpha):
+    """The search over localised weights of several Dense layers (or of a
+    hidden one), scored by :func:`multi_layer_logits` from the earliest
+    localised layer's cached input and output; ``mean`` .. ``v_max`` are
+    per entry (each from its own layer's kernel). ``arrays`` holds the
+    array fields of a :class:`MultiLayerSetup` (``rest_flats``: its
+    ``rest_idx.flat``), ``tail`` and ``rest_leaves`` its static ones."""
+    flats = tuple(arrays["rest_flats"])
+    setup = MultiLayerSetup(
+        arrays["first_genes"], arrays["rows"], arrays["cols"], arrays["w0"],
+        arrays["rest_genes"],
+        masks.Indices(rest_leaves, flats, int(sum(f.size for f in flats))),
+        tail, arrays["tail_vars"])
+    k_init, k_pos, k_pso = jax.random.split(key, 3)
+    h_pos, o_pos, y_pos = _fitness.sample_with_replacement(
+        k_pos, num_positive, h_pos, o_pos, y_pos)
+    zn = multi_layer_logits(setup, h_neg, o_neg)
+    zp = multi_layer_logits(setup, h_pos, o_pos)
+
+    def fitness(v):
+        return combine(zn(v), y_neg, zp(v) if y_pos.shape[0] else None,
+                       y_pos, alpha)
+
+    init = mean + std * jax.random.normal(k_init, (particles, w0.shape[0]))
+    res = search.pso_constriction(
+        k_pso, fitness, init, max_iterations=max_iterations, phi=phi,
+        v_min=v_min, v_max=v_max, patience=patience)
+    return res, fitness(w0)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "leaves", "particles", "max_iterations", "phi", "patience",
+    "num_positive", "alpha"))
+def _search_full(key, variables, flats, x_pos, y_pos, x_neg, y_neg, w0,
+                 mean, std, v_min, v_max, *, model, leaves, particles,
+                 max_iterations, phi, patience, num_positive, alpha):
+    """The search of a non-sequential model whose localised weights are not
+    all in the logits layer: a candidate runs the whole model from the
+    inputs with the particle scattered into its parameters."""
+    k_init, k_pos, k_pso = jax.random.split(key, 3)
+    x_pos, y_pos = _fitness.sample_with_replacement(k_pos, num_positive,
+                                                    x_pos, y_pos)
+    idx = masks.Indices(leaves, tuple(flats), int(w0.shape[0]))
+
+    def logits(v, x):
+        tv = dict(variables)
+        tv["params"] = masks.scatter(variables["params"], idx, v)
+        return model.apply(tv, x).astype(jnp.float32)
+
+    def fitness(v):
+        return combine(logits(v, x_neg), y_neg,
+                       logits(v, x_pos) if y_pos.shape[0] else None, y_pos,
+                       alpha)
+
+    init = mean + std * jax.random.normal(k_init, (particles, w0.shape[0]))
     res = search.pso_constriction(
         k_pso, fitness, init, max_iterations=max_iterations, phi=phi,
         v_min=v_min, v_max=v_max, patience=patience)
@@ -402,11 +663,15 @@ def fix(key: jax.Array, problem: base.Problem,
     the module docstring.
 
     Returns:
-      FixResult whose ``mask`` selects the localised kernel entries of the
-      logits layer and whose ``info`` has ``localised`` ((k, 2) kernel
-      indices), ``num_localised``, ``n_target`` (n_k of the target kernel),
+      FixResult whose ``mask`` selects the localised kernel entries (of
+      every Dense kernel; of the logits one with ``localisation="last"``)
+      and whose ``info`` has ``localised`` ((k, 2) kernel indices, in the
+      particle's order), ``localised_layer`` ((k,) each one's position in
+      the localised layers: :func:`dense_layers`, or just the logits layer
+      with "last"), ``num_localised``, ``num_per_layer`` (n_k of each of
+      those layers' kernels), ``n_target`` (n_k of the logits kernel),
       ``num_regressions``, ``num_improvements`` (over the repair split),
-      ``suspiciousness`` (susp_k of the target kernel), ``iterations``,
+      ``suspiciousness`` (susp_k of the logits kernel), ``iterations``,
       ``fitness_trace`` (best per iteration, NaN-padded), ``best_fitness``,
       ``initial_fitness`` (the unchanged model's), ``stop_reason`` (code
       into :data:`dlfix_jax.search.STOP_REASONS`) and ``evaluations``.
@@ -414,7 +679,7 @@ def fix(key: jax.Array, problem: base.Problem,
     Raises:
       ValueError: no history of two epochs, non-finite variables, history
         or inputs, no failing inputs, no regression between the last two
-        checkpoints, or an empty localised set.
+        checkpoints, or an empty localised set (in every localised layer).
     """
     model, variables = problem.model, problem.variables
     params = variables["params"]
@@ -431,52 +696,109 @@ def fix(key: jax.Array, problem: base.Problem,
     base.check_finite(last, "NeuRecover: checkpoint T's variables")
     _check_inputs(problem)
     layer = arachne.target_layer(model, variables)
-    kernel = np.asarray(models_base.get_layer_params(params, layer)["kernel"],
-                        np.float32)
+    all_dense = dense_layers(model, params)
+    layers = all_dense if config.localisation == "all" else (layer,)
 
     # --- host part: depends on the problem only, never on the key ---------
     bs = int(config.batch_size)
     loc = localise(model, variables, prev, last, problem.repair.x,
-                   problem.repair.y, layer, float(config.reduction_rate), bs)
-    idx = loc["indices"]
+                   problem.repair.y, layers, float(config.reduction_rate), bs)
+    idx, lay = loc["indices"], loc["layer"]
     if not loc["deg"].any():
         raise ValueError(
             "NeuRecover: no regression between the last two checkpoints on "
             "the repair split (nothing is correct at T-1 and wrong at T)")
     if len(idx) == 0:
+        where = (f"of {layer!r}" if len(layers) == 1
+                 else "in any Dense kernel")
+        n_k = {n: loc["num_per_layer"][n] for n in layers}
         raise ValueError(
-            f"NeuRecover localised no weight of {layer!r} (n_k = "
-            f"{loc['n']}, {int(loc['deg'].sum())} regressions, "
+            f"NeuRecover localised no weight {where} (n_k = {n_k}, "
+            f"{int(loc['deg'].sum())} regressions, "
             f"{int(loc['imp'].sum())} improvements)")
-    mask = masks.weight_mask(params, layer, idx)
-    rows, cols = idx[:, 0], idx[:, 1]
-    neg = _fitness.cache_layer(model, variables, layer, problem.failing.x, bs)
-    pos = _fitness.cache_layer(model, variables, layer, problem.passing.x, bs)
+    mask = masks.empty_mask(params)
+    for i, name in enumerate(layers):
+        sel = lay == i
+        if np.any(sel):
+            mask = masks.mask_or(mask, masks.weight_mask(params, name,
+                                                         idx[sel]))
+    g_idx = masks.indices_of(mask)
+    # per-entry data in gene order (that of masks.indices_of)
+    from dlfix_jax.fixers import genmunn  # genmunn imports arachne
+    per_gene = functools.partial(genmunn._per_gene, params, layers,
+                                 idx=g_idx)
+    lay = per_gene(lambda n, i, k: np.full(k.shape, i)).astype(np.int32)
+    rows = per_gene(lambda n, i, k: np.indices(k.shape)[0]).astype(np.int32)
+    cols = per_gene(lambda n, i, k: np.indices(k.shape)[1]).astype(np.int32)
+    idx = np.stack([rows, cols], axis=1)
+    mean = per_gene(lambda n, i, k: np.full(k.shape, np.mean(k)))
+    std = per_gene(lambda n, i, k: np.full(k.shape, np.std(k)))
+    wb = per_gene(lambda n, i, k: np.full(k.shape, np.max(k) - np.min(k)))
+    w0 = np.asarray(masks.gather(params, g_idx), np.float32)
+    v_min = (wb.astype(np.float64) * float(config.v_min_factor)).astype(
+        np.float32)
+    v_max = (wb.astype(np.float64) * float(config.v_max_factor)).astype(
+        np.float32)
     y_neg = np.asarray(problem.failing.y, np.int32)
     y_pos = np.asarray(problem.passing.y, np.int32)
     num_positive = int(config.num_positive) if len(y_pos) else 0
-    wb = float(np.max(kernel) - np.min(kernel))
+    kw = dict(particles=int(config.particles),
+              max_iterations=int(config.max_iterations),
+              phi=float(config.phi), patience=int(config.patience),
+              num_positive=num_positive, alpha=float(config.alpha))
+    used = [layers[i] for i in np.unique(lay)]
 
     # --- device part: key-dependent, static shapes -------------------------
-    res, f_orig = _search(
-        key, jnp.asarray(pos.h), jnp.asarray(y_pos), jnp.asarray(pos.logits),
-        jnp.asarray(neg.h), jnp.asarray(y_neg), jnp.asarray(neg.logits),
-        jnp.asarray(rows), jnp.asarray(cols), jnp.asarray(kernel[rows, cols]),
-        float(np.mean(kernel)), float(np.std(kernel)),
-        wb * float(config.v_min_factor), wb * float(config.v_max_factor),
-        particles=int(config.particles),
-        max_iterations=int(config.max_iterations), phi=float(config.phi),
-        patience=int(config.patience), num_positive=num_positive,
-        alpha=float(config.alpha))
+    if used == [layer] and _fitness.is_logits_layer(model, layer):
+        # only the logits layer: a candidate changes the cached logits
+        neg = _fitness.cache_layer(model, variables, layer,
+                                   problem.failing.x, bs)
+        pos = _fitness.cache_layer(model, variables, layer,
+                                   problem.passing.x, bs)
+        res, f_orig = _search(
+            key, jnp.asarray(pos.h), jnp.asarray(y_pos),
+            jnp.asarray(pos.logits), jnp.asarray(neg.h), jnp.asarray(y_neg),
+            jnp.asarray(neg.logits), jnp.asarray(rows), jnp.asarray(cols),
+            jnp.asarray(w0), jnp.asarray(mean), jnp.asarray(std),
+            jnp.asarray(v_min), jnp.asarray(v_max), **kw)
+    elif model.is_sequential:
+        names = [s.name for s in model.layers]
+        first = min(used, key=names.index)
+        setup = multi_layer_setup(model, variables, first, mask, lay, layers,
+                                  rows, cols, w0)
+        neg = _fitness.cache_layer(model, variables, first,
+                                   problem.failing.x, bs)
+        pos = _fitness.cache_layer(model, variables, first,
+                                   problem.passing.x, bs)
+        res, f_orig = _search_tail(
+            key, jnp.asarray(pos.h), jnp.asarray(pos.out), jnp.asarray(y_pos),
+            jnp.asarray(neg.h), jnp.asarray(neg.out), jnp.asarray(y_neg),
+            jnp.asarray(w0), jnp.asarray(mean), jnp.asarray(std),
+            jnp.asarray(v_min), jnp.asarray(v_max),
+            dict(first_genes=setup.first_genes, rows=setup.rows,
+                 cols=setup.cols, w0=setup.w0, rest_genes=setup.rest_genes,
+                 rest_flats=tuple(setup.rest_idx.flat),
+                 tail_vars=setup.tail_vars),
+            tail=setup.tail, rest_leaves=tuple(setup.rest_idx.leaves), **kw)
+    else:
+        res, f_orig = _search_full(
+            key, variables, tuple(jnp.asarray(f) for f in g_idx.flat),
+            jnp.asarray(problem.passing.x), jnp.asarray(y_pos),
+            jnp.asarray(problem.failing.x), jnp.asarray(y_neg),
+            jnp.asarray(w0), jnp.asarray(mean), jnp.asarray(std),
+            jnp.asarray(v_min), jnp.asarray(v_max), model=model,
+            leaves=tuple(g_idx.leaves), **kw)
 
     new_vars = dict(variables)
-    new_vars["params"] = masks.scatter(params, masks.indices_of(mask),
-                                       res.best_x)
+    new_vars["params"] = masks.scatter(params, g_idx, res.best_x)
     tpath = ("".join(f"['{p}']" for p in layer.split("/")) + "['kernel']")
     info = {
         "localised": jnp.asarray(idx, jnp.int32),
+        "localised_layer": jnp.asarray(lay, jnp.int32),
         "num_localised": jnp.int32(len(idx)),
-        "n_target": jnp.int32(loc["n"]),
+        "num_per_layer": jnp.asarray(
+            [loc["num_per_layer"][n] for n in layers], jnp.int32),
+        "n_target": jnp.int32(loc["num_per_layer"][layer]),
         "num_regressions": jnp.int32(int(loc["deg"].sum())),
         "num_improvements": jnp.int32(int(loc["imp"].sum())),
         "suspiciousness": jnp.float32(loc["susp"].get(tpath, 0.0)),
