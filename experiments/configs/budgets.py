@@ -68,13 +68,14 @@ def digits() -> dict:
         # ~6.5), almost all of it compilation.
         "distrrep": dict(max_iterations=50, merge_iterations=50),
         # NeuRecover at the paper's budget (100 particles, <= 100 iterations,
-        # patience 10; the override restates the default). On the digits
-        # LeNet5 the last two epochs differ on only 5 repair inputs
-        # (regressions) and the localised set is empty in every Dense kernel
-        # (the formula, not a budget), so each seed is a "failure" with that
-        # reason after ~0.7 s (3 seeds, vmapped, 2 CPU cores). Where it
-        # localises (tiny MLP with a 2-checkpoint history, 2 weights) 3 seeds
-        # in one vmapped call take 9.5 s with compilation, 0.13 s without.
+        # patience 10; the override restates the default), localising in
+        # every Dense kernel as the original. On the digits LeNet5 the last two
+        # epochs differ on 5 regressions / 3 improvements of the 200 repair
+        # inputs; the improvement subtraction empties every kernel's localised
+        # set (n_k 818 / 369 / 45, 0 / 2 / 1 kept before it), so each seed is a
+        # "failure" with that reason after ~3 s (3 seeds, vmapped, loaded 2
+        # cores). Where it localises (tiny MLP, 47 weights in 2 Dense kernels)
+        # 3 seeds in one vmapped call take 18.7 s with compilation, 0.55 s without.
         "neurecover": dict(max_iterations=100),
         # <- new fixers' digits budgets go above this line
     }
