@@ -232,24 +232,59 @@ def _moments(f, eps):
     return mu, cov, xc
 
 
+def eigh_each(covs):
+    """``eigh`` of a stack (B, c, c) of symmetric matrices, one at a time.
+
+    Not ``vmap``: a batched ``eigh`` on XLA:CPU runs through jaxlib's LAPACK
+    ``ParallelBatchMap``, which waits for its batch tasks on the same
+    intra-op thread pool that runs the computation; on a 2-core machine
+    that pool has two threads, and with the other one blocked on an async
+    input the tasks never run (a deadlock observed three times in the
+    DeepRepair fidelity run, gdb backtraces in BENCHMARKS.md). A
+    ``lax.map`` issues B unbatched calls: the same LAPACK routine per
+    matrix, so the same numbers.
+    """
+    return jax.lax.map(jnp.linalg.eigh, covs)
+
+
 def style_stats(f, eps: float = 1.0):
     """A style feature map's (mean, colouring matrix E diag(e^1/2) E^T)."""
-    mu, cov, _ = _moments(f, eps)
-    e, v = jnp.linalg.eigh(cov)
-    return mu, (v * jnp.sqrt(jnp.maximum(e, 0.0))) @ v.T
+    mu, colour = styles_stats(f[None], eps)
+    return mu[0], colour[0]
+
+
+def styles_stats(fs, eps: float = 1.0):
+    """:func:`style_stats` of a stack (B, H, W, c) of style feature maps."""
+    mu, cov, _ = jax.vmap(lambda f: _moments(f, eps))(fs)
+    e, v = eigh_each(cov)
+    colour = jax.vmap(
+        lambda e, v: (v * jnp.sqrt(jnp.maximum(e, 0.0))) @ v.T)(e, v)
+    return mu, colour
 
 
 def wct(f, stats, eps: float = 1.0, alpha: float = 1.0):
     """WCT of one content feature map (H, W, c) toward style ``stats``
     (:func:`style_stats`), as WCT2's ``wct_core`` + ``feature_wct``."""
     mu_s, colour = stats
-    lo, hi = jnp.min(f), jnp.max(f)
-    _, cov, xc = _moments(f, eps)
-    e, v = jnp.linalg.eigh(cov)
-    whiten = (v * jax.lax.rsqrt(jnp.maximum(e, 1e-12))) @ v.T
-    target = xc @ whiten @ colour + mu_s
-    target = jnp.clip(target, lo, hi).reshape(f.shape)
-    return alpha * target + (1.0 - alpha) * f
+    return wct_batch(f[None], (mu_s[None], colour[None]), eps, alpha)[0]
+
+
+def wct_batch(fs, stats, eps: float = 1.0, alpha: float = 1.0):
+    """:func:`wct` of a stack (B, H, W, c) of content feature maps, map i
+    toward the i-th of the stacked ``stats`` (eigh one at a time:
+    :func:`eigh_each`)."""
+    mu_s, colour = stats
+    _, cov, xc = jax.vmap(lambda f: _moments(f, eps))(fs)
+    e, v = eigh_each(cov)
+
+    def finish(f, xc, e, v, mu_s, colour):
+        lo, hi = jnp.min(f), jnp.max(f)
+        whiten = (v * jax.lax.rsqrt(jnp.maximum(e, 1e-12))) @ v.T
+        target = xc @ whiten @ colour + mu_s
+        target = jnp.clip(target, lo, hi).reshape(f.shape)
+        return alpha * target + (1.0 - alpha) * f
+
+    return jax.vmap(finish)(fs, xc, e, v, mu_s, colour)
 
 
 @functools.partial(jax.jit, static_argnames=("eps",))
@@ -257,8 +292,7 @@ def styles(variables: dict, style_pixels: jax.Array, eps: float = 1.0
            ) -> dict:
     """Per level, the stacked (mean, colouring) of S style images."""
     _, feats = forward(variables, style_pixels, collect=True)
-    return {n: jax.vmap(lambda f: style_stats(f, eps))(feats[n])
-            for n in LEVELS}
+    return {n: styles_stats(feats[n], eps) for n in LEVELS}
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "alpha"))
@@ -272,9 +306,7 @@ def transfer(variables: dict, content: jax.Array, stats: dict,
               for n, (m, c) in stats.items()}
 
     def transform(level, f):
-        mu, colour = picked[level]
-        return jax.vmap(lambda a, b, c: wct(a, (b, c), eps, alpha))(
-            f, mu, colour)
+        return wct_batch(f, picked[level], eps, alpha)
 
     return jnp.clip(forward(variables, content, transform), 0.0, 1.0)
 
