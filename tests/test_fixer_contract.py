@@ -30,6 +30,7 @@ from tests import fixtures
 
 # Tiny budgets, strictly checked against each fixer's config.
 BUDGETS = {
+    "vere": {"rounds": 10},
     "inner": {"probe_epochs": 10, "epochs": 5},
     "apricot": {"num_rdlms": 4, "rdlm_per_class": 60, "rdlm_epochs": 5,
                 "rdlm_lr": 3e-3, "eta": 0.05, "retrain_epochs": 0.5,
@@ -64,6 +65,7 @@ _CONV_LAST = zoo.sequential("conv_last", [
 
 # A problem each fixer must refuse (unadaptable), with a reason.
 REFUSALS = {
+    "vere": fixtures.info_of(zoo.get("resnet18")),  # not sequential
     "inner": fixtures.info_of(zoo.get("resnet18")),  # not sequential
     "apricot": fixtures.info_of(zoo.get("lenet5"), streaming=True),
     "arachne": fixtures.info_of(_CONV_LAST),
