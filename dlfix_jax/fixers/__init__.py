@@ -6,7 +6,6 @@ one list of fixer modules); each registers its fixer with the
 """
 
 import importlib as _importlib
-import importlib.util as _importlib_util
 
 from dlfix_jax.fixers.base import (FIXERS, LEVELS, FixerSpec, FixResult,
                                    Problem, ProblemInfo, check_finite,
@@ -21,9 +20,7 @@ MODULES = ("apricot", "editable_training", "fewshot_mix", "deeprepair",
            "care", "neurecover", "irepair", "distrrep", "genmunn", "vere",
            "inner")
 for _m in MODULES:
-    # TODO(wave 2): drop this guard once every module has landed.
-    if _importlib_util.find_spec(f"dlfix_jax.fixers.{_m}") is not None:
-        _importlib.import_module(f"dlfix_jax.fixers.{_m}")
+    _importlib.import_module(f"dlfix_jax.fixers.{_m}")
 
 __all__ = ["FIXERS", "LEVELS", "Data", "FixerSpec", "FixResult", "MODULES",
            "Problem", "ProblemInfo", "Source", "check_finite",
