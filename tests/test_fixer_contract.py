@@ -36,7 +36,7 @@ BUDGETS = {
                 "rdlm_lr": 3e-3, "eta": 0.05, "retrain_epochs": 0.5,
                 "retrain_lr": 1e-3, "max_passes": 3, "eval_batch_size": 256},
     "arachne": {"population": 20, "max_generations": 10},
-    "ra": {"num_passing": 100},
+    "ra": {"num_passing": 100, "slack_penalty": 1.0},
     "deeprepair": {"style_steps": 30, "style_width": 8, "epochs": 2,
                    "transfer_batch_size": 256},
     "editable_training": {"epochs": 2.0, "batch_size": 64, "max_steps": 5,

@@ -223,3 +223,115 @@ def layer_index(model, name: str, kinds, who: str,
                          f"; only {allowed or tuple(kinds)} layers can be "
                          f"{verb}")
     return i
+
+
+def solve_lp_rows(m, r: np.ndarray, norm: str, groups=None,
+                  penalty: float = 0.0, initial=None, tol: float = 1e-7,
+                  max_rounds: int = 100, method: str = "highs"):
+    """Minimises ‖Δ‖ (l1 or linf) + ``penalty``·Σ s_g subject to
+    ``m_i·Δ + s_{g(i)} ≥ r_i`` for every row i, by constraint generation.
+
+    Soft rows: ``groups`` (int per row, or None) names row i's slack
+    variable s_g ≥ 0 (one per group, e.g. per point); -1 marks a hard row
+    (no slack). ``penalty``: a scalar or one price per group, all > 0 when
+    any row is soft; at the optimum
+    each ``s_g`` is then exactly the largest violation ``max(0, r_i − m_i·Δ)``
+    over its rows.
+
+    Constraint generation (exact): the LP is solved over the rows of
+    ``initial`` (bool per row; None: every row, one plain solve); every row
+    violated by more than ``tol`` by that solution is added and the LP solved
+    again, until none is. The last solution then satisfies every row (to
+    ``tol``) and is optimal for the full LP, since the restricted LP's
+    optimum can only be lower. (Another optimal vertex than one full solve
+    would return is possible when the optimum is not unique.)
+
+    Returns ``(delta, slack, res, stats)``: Δ (None when not solved), the
+    slacks (``(n_groups,)``, zeros when no row is soft), the last scipy
+    result (``status`` indexes :data:`LP_STATUS`) and ``stats`` with
+    ``rounds`` (LPs solved), ``rows`` (rows in the last LP) and
+    ``max_violation`` (over all rows, of the returned solution).
+    """
+    ms = scipy.sparse.csr_matrix(m)
+    nc, nv = ms.shape
+    r = np.asarray(r, np.float64)
+    if norm not in ("l1", "linf"):
+        raise ValueError(f"unknown norm {norm!r}; use 'l1' or 'linf'")
+    if groups is None:
+        groups = np.full(nc, -1, np.int64)
+    groups = np.asarray(groups, np.int64)
+    if groups.shape != (nc,):
+        raise ValueError(f"groups has shape {groups.shape}, expected ({nc},)")
+    ng = int(groups.max()) + 1 if nc else 0
+    pen = np.broadcast_to(np.asarray(penalty, np.float64), (ng,))
+    if ng > 0 and not np.all(pen > 0):
+        raise ValueError(f"soft rows need penalty > 0, got {penalty}")
+    active = (np.ones(nc, bool) if initial is None
+              else np.asarray(initial, bool).copy())
+    soft = groups >= 0
+
+    def slack_matrix(rows):
+        g = groups[rows]
+        k = np.nonzero(g >= 0)[0]
+        return scipy.sparse.csr_matrix(
+            (np.ones(len(k)), (k, g[k])), shape=(len(rows), ng))
+
+    rounds = 0
+    while True:
+        rounds += 1
+        rows = np.nonzero(active)[0]
+        mr, rr = ms[rows], r[rows]
+        s_mat = slack_matrix(rows)
+        n_act = len(rows)
+        if norm == "l1":
+            # (u, v, s): Δ = u − v;  −m·u + m·v − S·s ≤ −r.
+            a_ub = scipy.sparse.hstack([-mr, mr, -s_mat], format="csr")
+            b_ub = -rr
+            c = np.concatenate([np.ones(2 * nv), pen])
+            bounds = (0, None)
+        else:
+            # (Δ, t, s): −m·Δ − S·s ≤ −r;  ±Δ − t ≤ 0.
+            eye = scipy.sparse.identity(nv, format="csr")
+            one = scipy.sparse.csr_matrix(np.ones((nv, 1)))
+            zs = scipy.sparse.csr_matrix((nv, ng))
+            a_ub = scipy.sparse.vstack([
+                scipy.sparse.hstack([-mr, scipy.sparse.csr_matrix((n_act, 1)),
+                                     -s_mat]),
+                scipy.sparse.hstack([eye, -one, zs]),
+                scipy.sparse.hstack([-eye, -one, zs])], format="csr")
+            b_ub = np.concatenate([-rr, np.zeros(2 * nv)])
+            c = np.concatenate([np.zeros(nv), [1.0], pen])
+            bounds = [(None, None)] * nv + [(0, None)] * (1 + ng)
+        res = scipy.optimize.linprog(c, A_ub=a_ub, b_ub=b_ub, bounds=bounds,
+                                     method=method)
+        if res.status != 0 or res.x is None:
+            return None, np.zeros(ng), res, {"rounds": rounds,
+                                             "rows": n_act,
+                                             "max_violation": np.inf}
+        if norm == "l1":
+            delta = res.x[:nv] - res.x[nv:2 * nv]
+            slack = res.x[2 * nv:]
+        else:
+            delta = res.x[:nv]
+            slack = res.x[nv + 1:]
+        viol = r - ms @ delta
+        viol[soft] -= slack[groups[soft]]
+        new = (~active) & (viol > tol)
+        if not new.any() or rounds >= max_rounds:
+            stats = {"rounds": rounds, "rows": n_act,
+                     "max_violation": float(max(0.0, viol.max(initial=0.0)))}
+            return delta, slack, res, stats
+        active |= new
+
+
+@functools.lru_cache(maxsize=None)
+def layer_input_and_logits_fn(model, layer_index: int):
+    """Jitted ``f(variables, x) -> (layer input, logits)`` for layer
+    ``layer_index``: both from one forward pass (cached per architecture)."""
+    name = model.layers[layer_index].name
+
+    def f(variables, x):
+        logits, acts = model.apply(variables, x, capture=(name,))
+        return acts[name]["input"], logits
+
+    return jax.jit(f)

@@ -19,7 +19,8 @@ def digits() -> dict:
                         retrain_epochs=0.25, patience=10),
         # Population 100 as in the paper, at most 30 generations (paper 100).
         "arachne": dict(max_generations=30),
-        # RA runs at its defaults (one small LP on 200 repair images).
+        # RA runs at its defaults (kappa = 0.2 soft failing constraints, one
+        # small LP on 200 repair images; on digits it may repair few or none).
         # CARE at the paper's budget (20 particles, <= 100 iterations; the
         # override restates the default): 3 seeds in one vmapped call take
         # ~5.3 s on 2 CPU cores, compile included (ftol stops at ~13 its).
