@@ -3,7 +3,7 @@
 Run:
   python -m benchmarks.train_throughput [--models=lenet5,vgg16]
       [--frameworks=jax,keras,tf_keras] [--lenet5_steps=200]
-      [--vgg16_steps=3] [--out=runs/bench/train_throughput.json]
+      [--vgg16_steps=3] [--rounds=3] [--out=runs/bench/train_throughput.json]
 
 For each model, the same architecture, batch size (128), optimizer (Adam,
 lr 1e-3) and softmax cross-entropy are trained on the same **random data of
@@ -20,6 +20,14 @@ timed steps; examples/s = steps x batch / wall time.
   ``jit_compile="auto"``), ``model.fit`` on NumPy arrays.
 * ``tf_keras``: Keras 2 (``tf_keras``, the API of the study's TF 2.3
   models), ``model.fit`` the same way.
+* ``jax_plain`` (optional): ``jax`` with the XLA:CPU workarounds of
+  :mod:`dlfix_jax.models.layers` switched off (``layers.on_cpu`` patched
+  to False: plain ``nn.Conv`` / ``nn.max_pool``), to measure what they buy.
+
+The frameworks are measured in turn, ``--rounds`` times (A, B, C, A, B,
+C, ...), and the median examples/s is reported with the median of the
+per-round ratios, so that load from other jobs on a shared machine hits
+all frameworks alike.
 
 Every (model, framework) pair runs in a fresh subprocess, so one
 framework's thread pools and imports (TensorFlow's oneDNN/OpenMP threads)
@@ -44,6 +52,8 @@ flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("lenet5_steps", 200, "Timed LeNet5 steps.")
 flags.DEFINE_integer("vgg16_steps", 3, "Timed VGG16 steps.")
 flags.DEFINE_integer("warmup_steps", 2, "Warm-up steps (not timed).")
+flags.DEFINE_integer("rounds", 3, "Interleaved rounds over the frameworks "
+                     "(medians reported).")
 flags.DEFINE_string("out", "runs/bench/train_throughput.json",
                     "JSON output path.")
 flags.DEFINE_string("single", None, "Internal: measure one 'model,framework'"
@@ -62,7 +72,8 @@ def _data(model: str, steps: int, batch: int, seed: int = 0):
     return x, y
 
 
-def bench_jax(model_name: str, steps: int, warmup: int, batch: int) -> float:
+def bench_jax(model_name: str, steps: int, warmup: int, batch: int,
+              plain: bool = False) -> float:
     import jax
 
     from dlfix_jax import models
@@ -70,6 +81,9 @@ def bench_jax(model_name: str, steps: int, warmup: int, batch: int) -> float:
     from dlfix_jax.data.source import Source
     from dlfix_jax.training import loop
 
+    if plain:
+        from dlfix_jax.models import layers
+        layers.on_cpu = lambda: False
     model = models.get(model_name)
     v = model.init(jax.random.key(0))
     tx = loop.optimizer("adam", 1e-3)
@@ -138,8 +152,9 @@ def bench_keras(which: str, model_name: str, steps: int, warmup: int,
 
 def _measure(name: str, fw: str) -> float:
     steps = getattr(FLAGS, f"{name}_steps")
-    if fw == "jax":
-        return bench_jax(name, steps, FLAGS.warmup_steps, FLAGS.batch_size)
+    if fw in ("jax", "jax_plain"):
+        return bench_jax(name, steps, FLAGS.warmup_steps, FLAGS.batch_size,
+                         plain=fw == "jax_plain")
     return bench_keras(fw, name, steps, FLAGS.warmup_steps, FLAGS.batch_size)
 
 
@@ -167,19 +182,33 @@ def main(argv):
         print(json.dumps({"examples_per_s": _measure(name, fw)}))
         return
     batch = FLAGS.batch_size
+    import numpy as np
     results = []
+    loads = [os.getloadavg()[0]]
     for name in FLAGS.models:
         if name not in SHAPES:
             raise app.UsageError(f"unknown model {name!r}; known: "
                                  f"{sorted(SHAPES)}")
         steps = getattr(FLAGS, f"{name}_steps")
+        runs = {fw: [] for fw in FLAGS.frameworks}
         for fw in FLAGS.frameworks:
-            if fw not in ("jax", "keras", "tf_keras"):
+            if fw not in ("jax", "jax_plain", "keras", "tf_keras"):
                 raise app.UsageError(f"unknown framework {fw!r}")
-            eps = _in_subprocess(name, fw)
+        for r in range(FLAGS.rounds):
+            for fw in FLAGS.frameworks:
+                eps = _in_subprocess(name, fw)
+                runs[fw].append(eps)
+                loads.append(os.getloadavg()[0])
+                print(f"round {r + 1} {name:8s} {fw:9s} {eps:10.1f} "
+                      f"examples/s (load {loads[-1]:.1f})", flush=True)
+        for fw, v in runs.items():
+            ref = runs.get("jax")
+            ratio = (float(np.median(np.asarray(ref) / np.asarray(v)))
+                     if ref else None)
             results.append({"model": name, "framework": fw, "batch": batch,
-                            "timed_steps": steps, "examples_per_s": eps})
-            print(f"{name:8s} {fw:9s} {eps:10.1f} examples/s", flush=True)
+                            "timed_steps": steps, "rounds": v,
+                            "examples_per_s": float(np.median(v)),
+                            "jax_over_this": ratio})
 
     import jax
     versions = {"jax": jax.__version__}
@@ -189,21 +218,21 @@ def main(argv):
         versions.update(tensorflow=tf.__version__, keras=keras.__version__)
     except ImportError:
         pass
-    print("\n| model | framework | examples/s | JAX speed-up (JAX / this) |")
+    print(f"\nload average (1 min) over the run: {min(loads):.1f}-"
+          f"{max(loads):.1f}")
+    print("| model | framework | examples/s (median) | JAX / this "
+          "(median of per-round ratios) |")
     print("|---|---|---:|---:|")
     for r in results:
-        ref = next((q["examples_per_s"] for q in results
-                    if q["model"] == r["model"] and q["framework"] == "jax"),
-                   None)
-        ratio = f"{ref / r['examples_per_s']:.2f}x" if ref else "-"
-        r["jax_over_this"] = (ref / r["examples_per_s"]) if ref else None
+        ratio = (f"{r['jax_over_this']:.2f}x" if r["jax_over_this"]
+                 else "-")
         print(f"| {r['model']} | {r['framework']} | "
               f"{r['examples_per_s']:.1f} | {ratio} |")
     out = {"results": results, "data": "random, right shape",
            "machine": {"cpus": os.cpu_count(),
                        "platform": platform.platform(),
                        "processor": platform.processor(),
-                       "load_avg_1m": os.getloadavg()[0]},
+                       "load_avg_1m": [min(loads), max(loads)]},
            "versions": versions}
     if FLAGS.out:
         from dlfix_jax.training.checkpoint import atomic_write_json

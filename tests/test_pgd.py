@@ -156,3 +156,33 @@ def test_epsilons():
     assert pgd.epsilon_for("imagenet2012") == 0.007
     with pytest.raises(KeyError, match="known"):
         pgd.epsilon_for("svhn")
+
+
+def test_cpu_layer_paths_keep_pgd_decisions(monkeypatch):
+    """The XLA:CPU layer paths (one-channel conv, tiled max pool) leave the
+    attack unchanged: same decisions and adversarial inputs (within the
+    float32 round-off of a sign step) as plain flax layers, on a LeNet5
+    (one-channel 28x28 input) at an ε where some attacks fail."""
+    from dlfix_jax import models
+    from dlfix_jax.models import layers
+    m = models.get("lenet5")
+    v = m.init(jax.random.key(0))
+    x = jax.random.uniform(jax.random.key(1), (48, 28, 28, 1))
+    y = jnp.asarray(m.predict(v, x), jnp.int32)
+    args = (v, x, y, x, jnp.float32(0.01), jnp.float32(0.0), jnp.float32(1.0))
+
+    def attack():  # a fresh (uncached) compilation per layer setting
+        fn = pgd._attack_fn.__wrapped__(m, 10, pgd.REL_STEPSIZE, False)
+        return jax.jit(fn)(*args)
+
+    fast = attack()
+    assert "one_channel_conv" in str(jax.make_jaxpr(
+        lambda a: m.apply(v, a))(x))
+    monkeypatch.setattr(layers, "on_cpu", lambda: False)
+    ref = attack()
+    assert 0 < float(jnp.mean(ref[0])) < 1
+    np.testing.assert_array_equal(np.asarray(fast[0]), np.asarray(ref[0]))
+    # A sign flip of a near-zero gradient entry moves a pixel by at most
+    # 2 step sizes; allow a handful of such pixels.
+    diff = np.abs(np.asarray(fast[1]) - np.asarray(ref[1]))
+    assert np.mean(diff > 1e-6) < 1e-3

@@ -153,3 +153,92 @@ def test_small_input_conv_matches_nn_conv(shape, kernel):
     g2 = jax.grad(lambda vv: jnp.sum(jnp.sin(ref.apply(vv, x))))(v)
     for a, b in zip(jax.tree_util.tree_leaves(g1), jax.tree_util.tree_leaves(g2)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+ONE_CHANNEL = [((3, 28, 28, 1), (5, 5), "VALID"),   # LeNet5's conv1
+               ((2, 9, 7, 1), (3, 2), "SAME"),
+               ((2, 8, 8, 1), (3, 3), "SAME")]
+
+
+def _conv_pair(shape, kernel, padding, features=4):
+    x = jax.random.normal(jax.random.key(0), shape)
+    ours = L.Conv(features, kernel, padding=padding)
+    ref = nn.Conv(features, kernel, padding=padding)
+    v = ref.init(jax.random.key(1), x)
+    v_ours = ours.init(jax.random.key(1), x)
+    jax.tree.map(np.testing.assert_array_equal, v, v_ours)
+    return x, v, ours, ref
+
+
+def _close(a, b, rtol=1e-4, atol=1e-5):
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(
+        np.asarray(p), np.asarray(q), rtol=rtol, atol=atol), a, b)
+
+
+@pytest.mark.parametrize("shape,kernel,padding", ONE_CHANNEL)
+def test_one_channel_conv_matches_nn_conv(shape, kernel, padding):
+    """The one-input-channel CPU path: nn.Conv's parameters, its values,
+    gradients (parameters and input), JVPs and vmap within round-off."""
+    x, v, ours, ref = _conv_pair(shape, kernel, padding)
+    assert "one_channel_conv" in str(jax.make_jaxpr(
+        lambda x: ours.apply(v, x))(x))
+    _close(ours.apply(v, x), ref.apply(v, x), 1e-5, 1e-5)
+    loss = lambda m: lambda vv, xx: jnp.sum(jnp.sin(m.apply(vv, xx)))
+    _close(jax.grad(loss(ours), argnums=(0, 1))(v, x),
+           jax.grad(loss(ref), argnums=(0, 1))(v, x))
+    _close(jax.jit(jax.grad(loss(ours), argnums=(0, 1)))(v, x),
+           jax.grad(loss(ref), argnums=(0, 1))(v, x))
+    tv = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)
+                                        ).reshape(a.shape), v)
+    tx = jnp.sin(x)
+    _close(jax.jvp(lambda vv, xx: ours.apply(vv, xx), (v, x), (tv, tx))[1],
+           jax.jvp(lambda vv, xx: ref.apply(vv, xx), (v, x), (tv, tx))[1])
+    gx = lambda m: jax.vmap(jax.grad(lambda xx: loss(m)(v, xx[None])))(x)
+    _close(gx(ours), gx(ref))
+
+
+def test_one_channel_conv_switch_and_multi_channel_untouched(monkeypatch):
+    x, v, ours, _ = _conv_pair((2, 8, 8, 1), (3, 3), "VALID")
+    monkeypatch.setattr(L, "ONE_CHANNEL_CONV", False)
+    jaxpr = str(jax.make_jaxpr(lambda x: ours.apply(v, x))(x))
+    assert "one_channel_conv" not in jaxpr and "conv_general_dilated" in jaxpr
+    monkeypatch.setattr(L, "ONE_CHANNEL_CONV", True)
+    x2, v2, ours2, _ = _conv_pair((2, 8, 8, 2), (3, 3), "VALID")
+    jaxpr = str(jax.make_jaxpr(lambda x: ours2.apply(v2, x))(x2))
+    assert "one_channel_conv" not in jaxpr and "conv_general_dilated" in jaxpr
+
+
+def test_cpu_workarounds_only_on_cpu(monkeypatch):
+    """On a backend other than XLA:CPU every layer is plain flax/XLA."""
+    assert L.on_cpu() == (jax.default_backend() == "cpu")
+    monkeypatch.setattr(L, "on_cpu", lambda: False)
+    for shape, kernel, padding in [((2, 8, 8, 1), (3, 3), "VALID"),
+                                   ((2, 2, 2, 4), (3, 3), "SAME")]:
+        x, v, ours, ref = _conv_pair(shape, kernel, padding)
+        jaxpr = str(jax.make_jaxpr(lambda x: ours.apply(v, x))(x))
+        assert "one_channel_conv" not in jaxpr and "conv_general_dilated" in jaxpr
+        np.testing.assert_array_equal(ours.apply(v, x), ref.apply(v, x))
+    x = _inputs((2, 8, 8, 3), 0, ties=False)
+    assert "reduce_window" in str(jax.make_jaxpr(
+        _pool((2, 2), None, "VALID"))(x))
+
+
+def test_lenet5_training_gradients_match_plain_layers(monkeypatch):
+    """All CPU paths together on LeNet5 (one-channel conv1, tiled pools)
+    against plain flax layers: loss and parameter gradients."""
+    model = models.get("lenet5")
+    v = model.init(jax.random.key(0))
+    x = _inputs((16, 28, 28, 1), 7, ties=False)
+    y = jnp.arange(16) % 10
+
+    def grads():
+        def loss(p):
+            logits = model.apply({**v, "params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(
+                logits, y).mean()
+        return jax.jit(jax.value_and_grad(loss))(v["params"])
+
+    fast = grads()
+    monkeypatch.setattr(L, "on_cpu", lambda: False)
+    ref = grads()
+    _close(fast, ref, 1e-4, 1e-6)

@@ -95,8 +95,9 @@ class Pool(nn.Module):
     row-major order, gets the whole derivative, as XLA's select-and-scatter
     does), but its backward pass is a masked broadcast instead of
     select-and-scatter, which is slow on XLA:CPU. Every other configuration
-    (overlapping or strided windows, SAME padding that pads) and average
-    pooling use flax's ``nn.max_pool`` / ``nn.avg_pool``.
+    (overlapping or strided windows, SAME padding that pads), average
+    pooling, and every backend but XLA:CPU (where the fast path was
+    measured, :func:`on_cpu`) use flax's ``nn.max_pool`` / ``nn.avg_pool``.
     """
 
     kind: str = "max"
@@ -109,7 +110,7 @@ class Pool(nn.Module):
         window = tuple(self.window)
         strides = tuple(self.strides or window)
         if self.kind == "max":
-            if _tiles(x.shape, window, strides, self.padding):
+            if on_cpu() and _tiles(x.shape, window, strides, self.padding):
                 return tiled_max_pool(x, window)
             return nn.max_pool(x, window, strides, self.padding)
         # Keras AveragePooling2D with SAME padding excludes the padded cells.
@@ -178,28 +179,54 @@ def _tiled_max_pool_jvp(window, primals, tangents):
     return y, dy
 
 
+def on_cpu() -> bool:
+    """Whether the computation being traced targets XLA:CPU (the default
+    backend), the only backend the CPU workarounds of this module
+    (tiled max pool, small-input im2col, one-channel convolution) were
+    measured on; other backends get the plain flax/XLA operations."""
+    return jax.default_backend() == "cpu"
+
+
 class Conv(nn.Conv):
-    """``nn.Conv`` with the same parameters, except that a stride-1 SAME
-    convolution whose input is spatially smaller than its kernel window
-    (VGG16's 2x2 block-5 maps under 3x3 kernels) is computed as im2col plus
-    one matmul: XLA:CPU swaps the operands of such convolutions and then runs
-    them ~70x slower (about 1 GFLOP/s; 80% of a VGG16 training step).
-    Results equal ``nn.Conv``'s within float32 round-off (summation order)."""
+    """``nn.Conv`` with the same parameters, plus two XLA:CPU-only paths
+    (:func:`on_cpu`; other backends always take ``nn.Conv``):
+
+    * a stride-1 SAME convolution whose input is spatially smaller than its
+      kernel window (VGG16's 2x2 block-5 maps under 3x3 kernels) is computed
+      as im2col plus one matmul: XLA:CPU swaps the operands of such
+      convolutions and then runs them ~70x slower (about 1 GFLOP/s; 80% of a
+      VGG16 training step);
+    * a stride-1 convolution of a one-channel input (LeNet5's first layer
+      on MNIST) is :func:`one_channel_conv`: a sum of kh*kw broadcast
+      products forward and an im2col matmul for the input gradient,
+      instead of XLA:CPU's convolution kernels, which are slow for one
+      input channel (LeNet5 training step ~0.8x, PGD ~0.67x the time).
+
+    Results equal ``nn.Conv``'s within float32 round-off (summation order).
+    """
 
     @nn.compact
     def __call__(self, x):
         kh, kw = self.kernel_size
-        small = x.ndim == 4 and x.shape[1] * x.shape[2] < kh * kw
-        plain = (_all_ones(self.strides) and self.padding == "SAME"
+        plain = (x.ndim == 4 and on_cpu() and _all_ones(self.strides)
                  and self.feature_group_count == 1
                  and _all_ones(self.kernel_dilation)
-                 and _all_ones(self.input_dilation))
-        if not (small and plain):
+                 and _all_ones(self.input_dilation)
+                 and self.padding in ("SAME", "VALID"))
+        small = plain and self.padding == "SAME" and (
+            x.shape[1] * x.shape[2] < kh * kw)
+        one = (plain and ONE_CHANNEL_CONV and x.shape[-1] == 1
+               and not small)
+        if not (small or one):
             return super().__call__(x)
         kernel = self.param("kernel", self.kernel_init,
                             (kh, kw, x.shape[-1], self.features),
                             self.param_dtype)
-        y = _im2col_same_conv(x, kernel)
+        if small:
+            y = _im2col_same_conv(x, kernel)
+        else:
+            y = one_channel_conv(_same_pad(x, kernel.shape)
+                                 if self.padding == "SAME" else x, kernel)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,),
                                self.param_dtype)
@@ -215,17 +242,81 @@ def _all_ones(v) -> bool:
     return all(int(a) == 1 for a in v)
 
 
+def _same_pad(x, kernel_shape):
+    """Zero-pads an NHWC ``x`` for a stride-1 SAME convolution with XLA's
+    split (the smaller half before)."""
+    ph, pw = kernel_shape[0] - 1, kernel_shape[1] - 1
+    return jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2),
+                       (pw // 2, pw - pw // 2), (0, 0)))
+
+
 def _im2col_same_conv(x, kernel):
     """Stride-1 SAME convolution (XLA's padding split) as one matmul."""
     kh, kw, cin, f = kernel.shape
-    ph, pw = kh - 1, kw - 1
-    x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2),
-                    (0, 0)))
+    x = _same_pad(x, kernel.shape)
     b, ho, wo = x.shape[0], x.shape[1] - kh + 1, x.shape[2] - kw + 1
     cols = jnp.concatenate([x[:, i:i + ho, j:j + wo]
                             for i in range(kh) for j in range(kw)], axis=-1)
     return (cols.reshape(-1, kh * kw * cin)
             @ kernel.reshape(kh * kw * cin, f)).reshape(b, ho, wo, f)
+
+
+# Off switch (A/B measurements, tests): False makes one-channel
+# convolutions take nn.Conv on CPU too.
+ONE_CHANNEL_CONV = True
+
+
+def _shifted(x, i, j, ho, wo):
+    return x[:, i:i + ho, j:j + wo]
+
+
+@jax.custom_jvp
+def one_channel_conv(x, kernel):
+    """VALID, stride-1 convolution of a one-channel NHWC ``x`` (B, H, W, 1)
+    with an HWIO ``kernel`` (kh, kw, 1, F): ``sum_ij x[:, i:, j:] * k[i, j]``.
+
+    The value is kh*kw broadcast multiply-adds (one elementwise pass, ~10x
+    faster than XLA:CPU's convolution for one input channel). The JVP
+    (``custom_jvp``, so forward mode, reverse mode and vmap all work) is
+    ``cols(t_x) @ k + conv(x, t_k)``; reverse mode runs its transposes: the
+    input gradient is one (N, F) x (F, kh*kw) matmul over the N = B*Ho*Wo
+    output positions plus kh*kw shifted adds (col2im), the kernel gradient
+    XLA's own filter-gradient convolution. Equal to
+    ``lax.conv_general_dilated`` within float32 round-off.
+    """
+    kh, kw = kernel.shape[:2]
+    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    y = None
+    for i in range(kh):
+        for j in range(kw):
+            t = _shifted(x, i, j, ho, wo) * kernel[i, j, 0]
+            y = t if y is None else y + t
+    return y
+
+
+def _cols(x, kh, kw):
+    """(B, Ho, Wo, kh*kw) VALID windows of a one-channel NHWC ``x``."""
+    ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+    return jnp.stack([_shifted(x, i, j, ho, wo)[..., 0]
+                      for i in range(kh) for j in range(kw)], axis=-1)
+
+
+@one_channel_conv.defjvp
+def _one_channel_conv_jvp(primals, tangents):
+    (x, kernel), (tx, tk) = primals, tangents
+    kh, kw, _, f = kernel.shape
+    y = one_channel_conv(x, kernel)
+    # Input tangent as im2col @ kernel: its transpose (the input gradient
+    # of PGD) is one matmul plus kh*kw shifted adds, ~4x faster than
+    # XLA:CPU's transposed convolution. Kernel tangent as XLA's own
+    # convolution: its transpose (the kernel gradient of training) is
+    # XLA's filter-gradient convolution, which measured faster than the
+    # transposed im2col matmul.
+    dy = (_cols(tx, kh, kw) @ kernel.reshape(kh * kw, f)
+          + jax.lax.conv_general_dilated(
+              x, tk, (1, 1), "VALID",
+              dimension_numbers=("NHWC", "HWIO", "NHWC")))
+    return y, dy
 
 
 class Sequential(nn.Module):
