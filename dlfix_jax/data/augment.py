@@ -102,7 +102,10 @@ def _quantize(img):
     return jnp.clip(jnp.round(img * 255.0), 0, 255).astype(jnp.int32)
 
 
-_LEVELS = jnp.arange(256, dtype=jnp.int32)
+def _levels():
+    """0..255 as int32 (built per call: a module-level jnp array would start
+    the JAX backend at import, before ``jax.distributed.initialize``)."""
+    return jnp.arange(256, dtype=jnp.int32)
 
 
 def _lut_autocontrast(u, q, severity):
@@ -111,9 +114,9 @@ def _lut_autocontrast(u, q, severity):
     # lo)); PIL's double rounding can land one level lower where the exact
     # value is an integer.
     lo, hi = jnp.min(q, 0), jnp.max(q, 0)                     # (C,)
-    lut = jnp.clip((_LEVELS[None] - lo[:, None]) * 255
+    lut = jnp.clip((_levels()[None] - lo[:, None]) * 255
                    // jnp.maximum(hi - lo, 1)[:, None], 0, 255)
-    return jnp.where((hi > lo)[:, None], lut, _LEVELS[None])
+    return jnp.where((hi > lo)[:, None], lut, _levels()[None])
 
 
 def _equalize_table(qc):
@@ -123,7 +126,7 @@ def _equalize_table(qc):
     step = (qc.shape[0] - hist[last]) // 255
     lut = (step // 2 + jnp.cumsum(hist) - hist) // jnp.maximum(step, 1)
     keep = (jnp.sum(occupied) <= 1) | (step == 0)
-    return jnp.where(keep, _LEVELS, jnp.clip(lut, 0, 255))
+    return jnp.where(keep, _levels(), jnp.clip(lut, 0, 255))
 
 
 def _lut_equalize(u, q, severity):
@@ -134,12 +137,12 @@ def _lut_equalize(u, q, severity):
 def posterize_lut(bits):
     """PIL ``posterize``: keep the top ``bits`` bits of each level."""
     shift = (8 - jnp.asarray(bits)).astype(jnp.int32)
-    return (_LEVELS >> shift) << shift
+    return (_levels() >> shift) << shift
 
 
 def solarize_lut(threshold):
     """PIL ``solarize``: levels >= ``threshold`` are inverted."""
-    return jnp.where(_LEVELS < threshold, _LEVELS, 255 - _LEVELS)
+    return jnp.where(_levels() < threshold, _levels(), 255 - _levels())
 
 
 def _lut_posterize(u, q, severity):

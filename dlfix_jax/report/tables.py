@@ -115,17 +115,50 @@ def format_duration(seconds: float) -> str:
 # Loading.
 
 def load_records(workdir: str) -> list[dict]:
-    """The newest record per key from ``workdir/results.jsonl``.
+    """The newest record per key from ``workdir/results.jsonl`` and the
+    shards ``results.p<k>.jsonl`` of a multi-process study that has not
+    merged them yet (a running or killed one; see
+    :mod:`dlfix_jax.study.store`): a shard's record supersedes the main
+    file's record of its key.
 
     Raises:
-      ReportError: the file is missing, holds no record, or a record lacks
-        required fields / has an unknown status.
+      ReportError: no store at all, no record, or a key recorded by two
+        shards (two processes computed one cell: rerun ``dlfix study``,
+        whose merge keeps the newest and logs the duplicate).
     """
+    from dlfix_jax.study import store as store_lib  # no JAX import
     path = os.path.join(workdir, RESULTS_FILE)
-    if not os.path.isfile(path):
+    shards = store_lib.shard_paths(workdir)
+    if not os.path.isfile(path) and not shards:
         raise ReportError(f"no results store at {path}; run "
                           f"`python -m experiments.run_study --workdir="
                           f"{workdir}` first")
+    by_key: dict[str, dict] = {}
+    if os.path.isfile(path):
+        by_key.update(_load_file(path))
+    owner: dict[str, str] = {}
+    for _, spath in shards:
+        for key, rec in _load_file(spath).items():
+            if key in owner:
+                raise ReportError(
+                    f"key {key!r} is recorded by two shards "
+                    f"({owner[key]} and {os.path.basename(spath)}); run "
+                    f"`dlfix study` on {workdir} again to merge the shards "
+                    f"(it keeps the newest record and logs the duplicate)")
+            owner[key] = os.path.basename(spath)
+            by_key.pop(key, None)
+            by_key[key] = rec
+    if shards:
+        logging.info("%s: read %d unmerged shard(s) of a multi-process "
+                     "study (%d records)", workdir, len(shards), len(owner))
+    if not by_key:
+        raise ReportError(f"the results store {path} holds no records")
+    return list(by_key.values())
+
+
+def _load_file(path: str) -> dict[str, dict]:
+    """The newest valid record per key of one JSONL file (see the module
+    docstring for torn and invalid lines)."""
     with open(path, "rb") as f:
         data = f.read()
     lines = data.split(b"\n")
@@ -162,9 +195,7 @@ def load_records(workdir: str) -> list[dict]:
         by_key[key] = rec
     if skipped:
         logging.warning("%s: %d invalid record(s) skipped", path, skipped)
-    if not by_key:
-        raise ReportError(f"the results store {path} holds no records")
-    return list(by_key.values())
+    return by_key
 
 
 def _validate(rec: Any, path: str, lineno: int) -> None:

@@ -41,6 +41,13 @@ so nothing is ever duplicated. ``force=True`` recomputes every cell and
 appends newer records that supersede the old ones; the store is compacted
 at the end of a forced run.
 
+Several processes (``jax.process_count() > 1``): the (pair, approach)
+units missing a record are dealt round-robin over the processes, each
+appends to its own shard ``results.p<k>.jsonl``, and process 0 merges the
+shards into ``results.jsonl`` at the end (and, first, any shards a killed
+run left); see :mod:`dlfix_jax.study.distributed`. A one-process run also
+merges leftover shards first, so the process count may change between runs.
+
 Time budget (``config.time_budget_s`` per fixing run; 0 = none). What is
 enforced, precisely:
 
@@ -117,6 +124,7 @@ from dlfix_jax.metrics import classification as cls
 from dlfix_jax.metrics import evaluate as evaluate_lib
 from dlfix_jax.metrics import fairness, pgd
 from dlfix_jax.metrics import timing
+from dlfix_jax.study import distributed
 from dlfix_jax.study import store as store_lib
 from dlfix_jax.training import checkpoint, train as train_lib
 
@@ -540,17 +548,19 @@ def evaluate_ensembles(key, model, variables, fixed_list, dataset,
 
 
 class _Progress:
-    """Elapsed time and ETA over the cells that need computing."""
+    """Elapsed time and ETA over the cells that need computing (this
+    process's, with several; ``prefix`` names the process)."""
 
-    def __init__(self, todo: int):
+    def __init__(self, todo: int, prefix: str = ""):
         self.todo, self.done, self.t0 = todo, 0, time.time()
+        self.prefix = prefix
 
     def step(self, n: int = 1) -> str:
         self.done += n
         el = time.time() - self.t0
         eta = el / self.done * (self.todo - self.done) if self.done else None
-        return (f"[{self.done}/{self.todo}] elapsed {_fmt_s(el)}, ETA "
-                f"{_fmt_s(eta)}")
+        return (f"{self.prefix}[{self.done}/{self.todo}] elapsed "
+                f"{_fmt_s(el)}, ETA {_fmt_s(eta)}")
 
 
 def _pair_items(config) -> list[tuple[str, Any]]:
@@ -599,10 +609,17 @@ def _base_record(pair_ds, pair_model, spec, seed, status, reason, cfg,
 def run_study(config, workdir: str, force: bool = False) -> list[dict]:
     """Runs (or resumes) the study of ``config`` in ``workdir``.
 
+    On one process (``jax.process_count() == 1``) the records go straight
+    to ``results.jsonl``. With several processes (``jax.distributed``;
+    ``dlfix study --num_processes ...``) the (pair, approach) units are
+    split across the processes, each appends to its own shard, and process
+    0 merges the shards at the end; see :mod:`dlfix_jax.study.distributed`.
+    Every process returns the same merged records.
+
     Args:
       config: a study config (``experiments/configs/study_*.py``).
       workdir: output directory: ``results.jsonl`` (the store), ``base/``
-        (base models), ``config.json``.
+        (base models), ``config.json``. Shared by all processes.
       force: recompute every cell; newer records supersede older ones.
 
     Returns:
@@ -610,88 +627,191 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
       grid order.
     """
     os.makedirs(workdir, exist_ok=True)
-    store = store_lib.Store(workdir)
     S = int(config.num_seeds)
     if S < 1:
         raise ValueError(f"num_seeds must be >= 1, got {S}")
     approaches = approach_names(config)
-    combos = _ensemble_names(config)
-    budget = float(config.time_budget_s or 0.0) or None
     strategy = str(config.fix_strategy)
     if strategy not in ("auto", "vmap", "sequential"):
         raise ValueError(f"fix_strategy must be auto, vmap or sequential, "
                          f"got {strategy!r}")
-    root = jax.random.key(int(config.seed))
-    keys = seed_keys(config, S)
     # Every fixer config is built (and checked) before anything is written.
     cfgs = {a: fixer_config(fixers.get(a), config.fixers.get(a)
                             if "fixers" in config else None)
             for a in approaches}
+    coord = distributed.coordinator()
+    if coord is None:
+        return _run_one_process(config, workdir, force, approaches, cfgs, S,
+                                strategy)
+    try:
+        return _run_multi_process(coord, config, workdir, force, approaches,
+                                  cfgs, S, strategy)
+    except BaseException as e:
+        coord.fail(f"{type(e).__name__}: {e}")
+        raise
 
+
+def _grid(config, approaches, cfgs, S, done) -> list[tuple]:
+    """``(pair, dataset, model, approach, variant, missing seeds)`` per
+    (pair, approach) unit, in grid order (pairs by name, approaches in
+    config order)."""
+    grid = []
+    for pname, pcfg in _pair_items(config):
+        ds_name, m_name = pcfg.train.dataset.name, pcfg.train.model.name
+        for a in approaches:
+            var = cell_variant(cfgs[a], pcfg, config)
+            missing = [s for s in range(S) if store_lib.make_key(
+                ds_name, m_name, a, s, var) not in done]
+            grid.append((pname, ds_name, m_name, a, var, missing))
+    return grid
+
+
+def _grid_records(grid, S, latest) -> list[dict]:
+    order = [store_lib.make_key(g[1], g[2], g[3], s, g[4]) for g in grid
+             for s in range(S)]
+    return [latest[k] for k in order if k in latest]
+
+
+def _run_units(units, config, workdir, store, S, strategy, progress,
+               loaded) -> int:
+    """Computes the units (grid entries with missing seeds), appending each
+    unit's records to ``store`` in one write; returns how many records
+    superseded older ones."""
+    combos = _ensemble_names(config)
+    budget = float(config.time_budget_s or 0.0) or None
+    root = jax.random.key(int(config.seed))
+    keys = seed_keys(config, S)
+    superseded = 0
+    for pname, ds_name, m_name, a, var, missing in units:
+        pcfg = config.pairs[pname]
+        if pname not in loaded:
+            loaded[pname] = _load_pair(pcfg, workdir, data_lib, train_lib,
+                                       checkpoint, fixers)
+        model, variables, dataset, problem = loaded[pname]
+        spec = fixers.get(a)
+        recs = _run_approach(
+            spec, model, variables, dataset, problem, pcfg, config, keys,
+            budget, strategy, _ensembles_for(config, a, combos),
+            jax.random.fold_in(root, STREAM_EVAL), progress, var)
+        # Every seed of the approach was fixed again (deterministic per
+        # seed key) and evaluated together, on one shared PGD sample.
+        # Seeds recorded before are superseded by these records, so all
+        # seeds of a cell share the sample whatever their number
+        # (issue 11 item 5: raising num_seeds used to keep old seeds'
+        # ASR measured on the old, smaller sample).
+        superseded += len(recs) - len(missing)
+        store.append_many(recs)
+        for r in recs:
+            m = r["metrics"]
+            logging.info(
+                "%srecorded %s: %s%s | acc %s rr %s nfr %s asr %s",
+                progress.prefix, r["key"], r["status"],
+                f" ({r['reason']})" if r["reason"] else "",
+                _f(m.get("acc")), _f(m.get("rr")), _f(m.get("nfr")),
+                _f(m.get("asr")))
+    return superseded
+
+
+def _log_plan(config, approaches, S, grid, where, prefix=""):
+    todo = sum(S for g in grid if g[5])
+    logging.info("%sstudy %s: %d pairs x %d approaches x %d seeds; %d "
+                 "cells to compute, %d already in %s", prefix,
+                 config.get("name", ""), len(config.pairs), len(approaches),
+                 S, todo, len(grid) * S - todo, where)
+    for g in grid:
+        if not g[5]:
+            logging.info("%sskip %s/%s/%s: all %d seeds recorded", prefix,
+                         g[1], g[2], g[3], S)
+
+
+def _run_one_process(config, workdir, force, approaches, cfgs, S, strategy):
+    store = store_lib.Store(workdir)
     with store.lock():
         checkpoint.atomic_write_json(os.path.join(workdir, "config.json"),
                                      fileio.json_safe(config.to_dict()))
+        if store_lib.shard_paths(workdir):
+            # Shards of a killed multi-process run: their records count.
+            store.merge_shards()
         done = set() if force else store.completed_keys()
-        grid = []  # (pair, dataset, model, approach, variant, to compute)
-        for pname, pcfg in _pair_items(config):
-            ds_name, m_name = pcfg.train.dataset.name, pcfg.train.model.name
-            for a in approaches:
-                var = cell_variant(cfgs[a], pcfg, config)
-                missing = [s for s in range(S) if store_lib.make_key(
-                    ds_name, m_name, a, s, var) not in done]
-                grid.append((pname, ds_name, m_name, a, var, missing))
+        grid = _grid(config, approaches, cfgs, S, done)
+        _log_plan(config, approaches, S, grid, store.path)
+        units = [g for g in grid if g[5]]
         # An approach with any missing seed runs all S seeds (the seed axis
         # is batched); progress counts those runs.
-        todo = sum(S for g in grid if g[5])
-        logging.info("study %s: %d pairs x %d approaches x %d seeds; %d "
-                     "cells to compute, %d already in %s",
-                     config.get("name", ""), len(config.pairs),
-                     len(approaches), S, todo,
-                     len(grid) * S - todo, store.path)
-        progress = _Progress(todo)
-        loaded = {}
-        superseded = 0
-        for pname, ds_name, m_name, a, var, missing in grid:
-            if not missing:
-                logging.info("skip %s/%s/%s: all %d seeds recorded", ds_name,
-                             m_name, a, S)
-                continue
-            pcfg = config.pairs[pname]
-            if pname not in loaded:
-                loaded[pname] = _load_pair(pcfg, workdir, data_lib,
-                                           train_lib, checkpoint, fixers)
-            model, variables, dataset, problem = loaded[pname]
-            spec = fixers.get(a)
-            recs = _run_approach(
-                spec, model, variables, dataset, problem, pcfg, config, keys,
-                budget, strategy, _ensembles_for(config, a, combos),
-                jax.random.fold_in(root, STREAM_EVAL), progress, var)
-            # Every seed of the approach was fixed again (deterministic per
-            # seed key) and evaluated together, on one shared PGD sample.
-            # Seeds recorded before are superseded by these records, so all
-            # seeds of a cell share the sample whatever their number
-            # (issue 11 item 5: raising num_seeds used to keep old seeds'
-            # ASR measured on the old, smaller sample).
-            keep = recs
-            superseded += len(recs) - len(missing)
-            store.append_many(keep)
-            for r in keep:
-                m = r["metrics"]
-                logging.info(
-                    "recorded %s: %s%s | acc %s rr %s nfr %s asr %s",
-                    r["key"], r["status"],
-                    f" ({r['reason']})" if r["reason"] else "",
-                    _f(m.get("acc")), _f(m.get("rr")), _f(m.get("nfr")),
-                    _f(m.get("asr")))
+        progress = _Progress(S * len(units))
+        superseded = _run_units(units, config, workdir, store, S, strategy,
+                                progress, {})
         if force or superseded:
             removed = store.compact()
             if removed:
                 logging.info("compacted %s: %d superseded records removed",
                              store.path, removed)
-    latest = store.records()
-    order = [store_lib.make_key(g[1], g[2], g[3], s, g[4]) for g in grid
-             for s in range(S)]
-    return [latest[k] for k in order if k in latest]
+    return _grid_records(grid, S, store.records())
+
+
+def _run_multi_process(coord, config, workdir, force, approaches, cfgs, S,
+                       strategy):
+    """The multi-process run (see :mod:`dlfix_jax.study.distributed`)."""
+    me, n = coord.index, coord.count
+    prefix = f"[process {me}/{n}] "
+    with contextlib.ExitStack() as held:
+        # 1. Setup: process 0 holds the main lock for the whole run, merges
+        # an earlier run's shards and writes config.json; the others wait.
+        if me == 0:
+            main = store_lib.Store(workdir)
+            held.enter_context(main.lock())
+            main.merge_shards()
+            checkpoint.atomic_write_json(os.path.join(workdir, "config.json"),
+                                         fileio.json_safe(config.to_dict()))
+            coord.publish("setup", "ok")
+        else:
+            coord.receive("setup")
+            main = store_lib.Store(workdir, repair=False)
+        # 2. Plan: the same on every process (all read the merged file,
+        # which nobody writes before step 5).
+        done = set() if force else main.completed_keys()
+        grid = _grid(config, approaches, cfgs, S, done)
+        units = [g for g in grid if g[5]]
+        digest = distributed.plan_hash([(g[0], g[3], g[4], g[5])
+                                        for g in grid] + [n, bool(force)])
+        if me == 0:
+            coord.publish("plan", digest)
+            _log_plan(config, approaches, S, grid, main.path, prefix)
+        elif coord.receive("plan") != digest:
+            raise RuntimeError(
+                f"process {me}'s study plan differs from process 0's (a "
+                "different config, code version or fixer registry); every "
+                "process must run the same study")
+        mine = distributed.assign(units, n)[me]
+        logging.info("%s%d of %d units (pair, approach) are this process's: "
+                     "%s", prefix, len(mine), len(units),
+                     ", ".join(f"{g[1]}/{g[2]}/{g[3]}" for g in mine) or "-")
+        # 3. Base models: each trains (or loads) its share, then all wait,
+        # so no base model is trained by two processes at once.
+        loaded: dict = {}
+        need = sorted({g[0] for g in units
+                       if not pair_base(config.pairs[g[0]])})
+        for pname in distributed.assign(need, n)[me]:
+            loaded[pname] = _load_pair(config.pairs[pname], workdir,
+                                       data_lib, train_lib, checkpoint,
+                                       fixers)
+        coord.barrier("base")
+        # 4. Fixing into this process's shard.
+        shard = store_lib.Store(workdir, shard=me)
+        with shard.lock():
+            _run_units(mine, config, workdir, shard, S, strategy,
+                       _Progress(S * len(mine), prefix), loaded)
+        coord.barrier("fixed")
+        # 5. Process 0 merges every shard into results.jsonl.
+        if me == 0:
+            res = main.merge_shards()
+            if res["duplicates"]:
+                logging.warning("%skeys recorded by several shards: %s",
+                                prefix, res["duplicates"])
+            coord.publish("merged", "ok")
+        else:
+            coord.receive("merged")
+    return _grid_records(grid, S, main.records())
 
 
 def _f(v) -> str:

@@ -26,6 +26,19 @@ any instant:
 * **One writer.** :meth:`Store.lock` takes an exclusive ``flock`` on
   ``DIR/results.lock`` (released by the kernel when the process dies) so two
   runners cannot interleave on one store.
+* **Shards (multi-process studies,** :mod:`dlfix_jax.study.distributed`\
+  **).** Process k of a run appends to its own shard
+  ``DIR/results.p<k>.jsonl`` (``Store(DIR, shard=k)``, its own lock
+  ``results.p<k>.lock``; the same atomic appends and torn-line repair).
+  :meth:`Store.merge_shards` (process 0, under the main lock) rewrites
+  ``results.jsonl`` with the newest record per key of the file and all
+  shards, then deletes the shards. :func:`merged_records` is the reader's
+  view: ``results.jsonl``'s records, superseded by the shards' (a shard
+  holds only records of the latest run; a run starts by merging the shards
+  of an earlier one). One run computes each key in one process only, so a
+  key in two shards is a fault (e.g. two jobs on one workdir): it is
+  reported in the result's ``duplicates`` and resolved to the record that
+  finished last.
 
 Record schema (the report reads exactly this; see ``dlfix_jax.study.runner``)::
 
@@ -53,6 +66,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 from typing import Any, Iterable, Iterator
 
 from dlfix_jax import fileio
@@ -60,6 +74,7 @@ from dlfix_jax import fileio
 FILENAME = "results.jsonl"
 LOCKNAME = "results.lock"
 STATUSES = ("ok", "unadaptable", "failure", "corrupted")
+SHARD_RE = re.compile(r"^results\.p(\d+)\.jsonl$")
 
 log = logging.getLogger(__name__)
 json_safe = fileio.json_safe
@@ -82,6 +97,25 @@ def make_key(dataset: str, model: str, approach: str, seed: int,
             raise ValueError(f"variant {variant!r} must not contain '/'")
         return f"{dataset}/{model}/{approach}@{variant}/{int(seed)}"
     return f"{dataset}/{model}/{approach}/{int(seed)}"
+
+
+def shard_filename(index: int) -> str:
+    """The file of process ``index``'s shard: ``results.p<index>.jsonl``."""
+    if int(index) < 0:
+        raise ValueError(f"shard index must be >= 0, got {index}")
+    return f"results.p{int(index)}.jsonl"
+
+
+def shard_paths(directory: str) -> list[tuple[int, str]]:
+    """``(index, path)`` of every shard file in ``directory``, by index."""
+    if not os.path.isdir(directory):
+        return []
+    out = []
+    for name in os.listdir(directory):
+        m = SHARD_RE.match(name)
+        if m:
+            out.append((int(m.group(1)), os.path.join(directory, name)))
+    return sorted(out)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -137,13 +171,23 @@ class Store:
 
     Opening, and taking the writer lock, repair a torn trailing line (see
     the module docstring); the repair only ever runs under the lock.
+    ``shard=k``: process k's shard ``results.p<k>.jsonl`` instead of
+    ``results.jsonl``. ``repair=False``: opening neither creates the
+    directory nor touches the lock (a reader).
     """
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, shard: int | None = None,
+                 repair: bool = True):
         self.directory = directory
-        self.path = os.path.join(directory, FILENAME)
-        os.makedirs(directory, exist_ok=True)
+        self.shard = None if shard is None else int(shard)
+        name = FILENAME if shard is None else shard_filename(shard)
+        self.path = os.path.join(directory, name)
+        self.lockname = (LOCKNAME if shard is None
+                         else name[:-len(".jsonl")] + ".lock")
         self.repaired_bytes = 0
+        if not repair:  # a reader, or a caller that takes lock() itself
+            return
+        os.makedirs(directory, exist_ok=True)
         # Repair only under the writer lock: a torn line may be a live
         # writer's line in progress. If another process holds the lock, it
         # repaired the file when it took the lock.
@@ -191,7 +235,7 @@ class Store:
     def lock(self) -> Iterator[None]:
         """Exclusive writer lock; raises RuntimeError if another process
         holds it."""
-        fd = os.open(os.path.join(self.directory, LOCKNAME),
+        fd = os.open(os.path.join(self.directory, self.lockname),
                      os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
@@ -199,7 +243,7 @@ class Store:
             except OSError as e:
                 raise RuntimeError(
                     f"another process is writing {self.path} (lock "
-                    f"{LOCKNAME} is held); wait for it or use another "
+                    f"{self.lockname} is held); wait for it or use another "
                     f"workdir") from e
             self.repaired_bytes += self._repair()
             yield
@@ -295,9 +339,14 @@ class Store:
             return 0
         # Keep the order of the newest records as they appear in the file.
         newest_ids = {id(r) for r in latest.values()}
-        keep = [r for r in all_recs if id(r) in newest_ids]
+        self._rewrite([r for r in all_recs if id(r) in newest_ids])
+        return removed
+
+    def _rewrite(self, records: list[dict]) -> None:
+        """Replaces the file with ``records`` atomically (temp file, fsync,
+        ``os.replace``, directory fsync)."""
         tmp = self.path + ".tmp"
-        data = b"".join(self._line(r) for r in keep)
+        data = b"".join(self._line(r) for r in records)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             _write_all(fd, data)
@@ -310,4 +359,78 @@ class Store:
             os.fsync(dfd)
         finally:
             os.close(dfd)
-        return removed
+
+    def merge_shards(self) -> dict:
+        """Merges every shard of the directory into this (main) store and
+        deletes the shards. Call it under :meth:`lock` of the main store.
+
+        Each shard's lock is taken first (a shard still being written, by a
+        live process of another run, is refused), which also repairs its
+        torn trailing line. ``results.jsonl`` is rewritten atomically with
+        :func:`merged_records` before any shard is deleted, so a kill at
+        any point leaves every record in the file or in a shard (a
+        record in both is the same record; the next merge keeps one).
+
+        Returns:
+          ``{"shards": [indices], "records": n records read from shards,
+          "duplicates": {key: [sources]}}``.
+
+        Raises:
+          RuntimeError: a shard's lock is held by another process.
+        """
+        if self.shard is not None:
+            raise ValueError("merge_shards is a method of the main store "
+                             "(Store(directory)), not of a shard")
+        shards = shard_paths(self.directory)
+        if not shards:
+            return {"shards": [], "records": 0, "duplicates": {}}
+        with contextlib.ExitStack() as stack:
+            for idx, _ in shards:
+                stack.enter_context(
+                    Store(self.directory, idx, repair=False).lock())
+            merged = merged_records(self.directory)
+            self._rewrite(list(merged["records"].values()))
+            for _, path in shards:
+                os.unlink(path)
+        if merged["duplicates"]:
+            log.warning("results store %s: keys recorded by several shards "
+                        "(kept the record that finished last): %s",
+                        self.path, merged["duplicates"])
+        log.info("results store %s: merged %d records of shards %s",
+                 self.path, merged["shard_records"], [i for i, _ in shards])
+        return {"shards": [i for i, _ in shards],
+                "records": merged["shard_records"],
+                "duplicates": merged["duplicates"]}
+
+
+def merged_records(directory: str) -> dict:
+    """The reader's view of a study directory: ``results.jsonl`` and its
+    shards merged (see the module docstring).
+
+    Returns:
+      ``{"records": {key: record} (newest per key: the main file's, then
+      superseded by the shards'; order of first appearance), "duplicates":
+      {key: ["results.p<i>.jsonl", ...]} (keys in more than one shard;
+      the record with the latest ``finished`` is kept, ties to the higher
+      shard index), "shard_records": int}``.
+    """
+    records = Store(directory, repair=False).records()
+    from_shard: dict[str, tuple[int, dict]] = {}
+    seen: dict[str, list[str]] = {}
+    n = 0
+    for idx, path in shard_paths(directory):
+        reader = Store(directory, idx, repair=False)
+        for key, rec in reader.records().items():
+            n += 1
+            seen.setdefault(key, []).append(os.path.basename(path))
+            old = from_shard.get(key)
+            if old is None or str(rec.get("finished") or "") >= str(
+                    old[1].get("finished") or ""):
+                from_shard[key] = (idx, rec)
+    for key, (_, rec) in from_shard.items():
+        records.pop(key, None)
+    for key, (_, rec) in from_shard.items():
+        records[key] = rec
+    return {"records": records,
+            "duplicates": {k: v for k, v in seen.items() if len(v) > 1},
+            "shard_records": n}

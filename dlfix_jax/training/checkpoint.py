@@ -141,17 +141,27 @@ def history_manager(workdir: str, create: bool = True):
     point. Saving is asynchronous; callers call ``wait_until_finished()``
     (and ``close()``) before reading back or exiting.
     """
+    import jax
     import orbax.checkpoint as ocp  # heavy dependency: history only
     directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
+    # A history belongs to one process: in a multi-process study each
+    # process trains / reads its own base models alone (orbax would otherwise
+    # synchronise every JAX process and refuse host-local arrays).
+    me = jax.process_index()
+    if create:  # orbax refuses create=True together with active_processes
+        os.makedirs(directory, exist_ok=True)
     return ocp.CheckpointManager(
         directory, options=ocp.CheckpointManagerOptions(
-            max_to_keep=None, create=create))
+            max_to_keep=None, create=False,
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me})))
 
 
 def save_epoch(manager, epoch: int, variables: dict) -> None:
     """Saves the variables after ``epoch`` (1-based) to the history."""
     import orbax.checkpoint as ocp  # heavy dependency: history only
-    manager.save(epoch, args=ocp.args.StandardSave(variables))
+    import jax
+    manager.save(epoch, args=ocp.args.StandardSave(jax.device_get(variables)))
 
 
 def history_epochs(workdir: str) -> list[int]:
