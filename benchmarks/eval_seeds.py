@@ -10,8 +10,12 @@ steps (the ASR pass), each as first call (compile + run) and steady state
 (best of ``--repeats`` further calls). Weights are random (speed does not
 depend on them); inputs are random in the model's input shape. Prints one
 line per measurement and, per (model, S, task), which strategy won and what
-``"auto"`` resolves to on this backend. The numbers justify
-``seeds.AUTO_STRATEGY`` (recorded in BENCHMARKS.md).
+``"auto"`` resolves to on this backend. The numbers justify the
+``"predict"`` and ``"pgd"`` rows of ``seed_axis.AUTO_STRATEGY`` (recorded in
+BENCHMARKS.md); the ``"train"`` and ``"population"`` rows come from
+``benchmarks/apricot_rdlms.py`` and ``benchmarks/population.py``. Any
+strategy of the layer can be timed (``--strategies=...,sharded`` splits the
+seeds over the local devices).
 """
 
 import json
@@ -43,6 +47,8 @@ def main(argv):
     from dlfix_jax.metrics import pgd, timing
     from dlfix_jax import seed_axis as seeds
 
+    import os
+    print(f"load {os.getloadavg()}")
     print(f"backend {jax.default_backend()}, devices {jax.devices()}, "
           f"auto -> predict {seeds.resolve_strategy('auto', task='predict')}"
           f", pgd {seeds.resolve_strategy('auto', task='pgd')}")

@@ -1,38 +1,63 @@
-"""Running a per-model function over a stack of S models (the seed axis).
+"""One strategy layer for every stacked axis: seeds, models, population members.
 
-The study fixes every model S times (one run per seed), so fixed variables
-carry a leading seed axis: ``stacked = stack_variables([v0, v1, v2])`` gives
-leaves of shape ``(S, ...)``. :func:`map_seeds` runs ``fn(variables, *args)``
-for every seed and stacks the results, with one of three strategies:
+Many things in the library are a *stack*: the S fixed models of the study's
+seeds (``stacked = stack_variables([v0, v1, v2])`` gives leaves of shape
+``(S, ...)``), Apricot's K reduced models (and their training states), a
+search's population of P candidates. Every batched path runs its per-member
+function through this module, with one of these strategies:
 
-* ``"sequential"`` — a Python loop over seeds calling one jitted function
-  (the seed index is traced, so it compiles once). XLA sees exactly the
-  per-model computation.
+* ``"sequential"`` — a Python loop over members calling one jitted function
+  (the member index is traced, so it compiles once). XLA sees exactly the
+  per-member computation. Inside a trace (a search's population, scored
+  within a ``lax.while_loop``) no Python loop is possible: there
+  ``"sequential"`` is the compiled loop of ``"lax_map"``.
 * ``"vmap"`` — ``jax.jit(jax.vmap(fn))``: one batched computation. On GPU/TPU
   this fills the device; on XLA CPU, batching the *weights* of a convolution
-  turns it into a grouped convolution, which is far slower than S ordinary
-  ones (measured ~10x for LeNet5; see ``benchmarks/eval_seeds.py``).
-* ``"lax_map"`` — ``jax.lax.map`` inside one jit: a compiled loop over seeds
-  (no grouped kernels, no Python dispatch per seed).
-* ``"sharded"`` — the seed axis split over the local devices with
-  ``jax.shard_map`` on a 1-D ``"seeds"`` mesh, ``lax.map`` on each device:
+  makes it a grouped convolution, slower than S ordinary ones for training
+  (see the table below).
+* ``"lax_map"`` — ``jax.lax.map`` inside one jit: a compiled loop over members
+  (no grouped kernels, no Python dispatch per member).
+* ``"sharded"`` — the stacked axis split over the local devices with
+  ``jax.shard_map`` on a 1-D ``"stack"`` mesh, ``lax.map`` on each device:
   bit-identical to ``"lax_map"`` on one device (tested with 8 fake CPU
-  devices). ``auto`` picks it nowhere yet: no multi-device machine was
-  measured.
-* ``"auto"`` — the fastest per backend and task as measured by
-  ``benchmarks/eval_seeds.py`` (BENCHMARKS.md): on XLA CPU with jax 0.10.2,
-  ``vmap`` for prediction (0.4-0.6x of sequential's time for LeNet5 and
-  VGG16 at S = 3, 10) and ``sequential`` for PGD (vmap and lax.map were
-  within ±5 % to 20 % slower). On GPU/TPU ``vmap`` (not measured here: no
-  accelerator was available; batching S models fills the device).
+  devices in ``tests/test_sharding.py`` for prediction, Apricot's K models
+  and a search population). The stack is padded to a multiple of the device
+  count by repeating its last member; the padding is dropped.
+* ``"auto"`` — :data:`AUTO_STRATEGY`, per backend and task.
 
-The grouped-convolution slowdown reported earlier for ``vmap`` on CPU (10x)
-did not reproduce with jax 0.10.2; the per-task table below is what the
-benchmark measured and should be re-checked when jax changes.
+Tasks (what ``"auto"`` optimises for) and the CPU measurements behind
+:data:`AUTO_STRATEGY` (BENCHMARKS.md, "Strategy layer"):
+
+* ``"predict"`` (``benchmarks/eval_seeds.py``): ``vmap``, 0.4-0.6x of
+  sequential's time for LeNet5 and VGG16 at S = 3, 10.
+* ``"pgd"`` (``benchmarks/eval_seeds.py``): ``sequential`` (vmap and
+  lax.map were 5 % to 20 % slower).
+* ``"train"`` — one training step of K models (Apricot's reduced models,
+  ``benchmarks/apricot_rdlms.py``): ``sequential`` (one jitted step per model
+  in turn; vmap 0.5x its speed at K = 20, vmap inside a ``lax.scan`` over
+  steps slower still).
+* ``"population"`` — scoring a search population inside the search's
+  compiled loop (``benchmarks/population.py``, DE with P = 100 on an
+  Arachne-style cached fitness): ``lax_map``, one candidate after another,
+  2-4x the evaluations per second of ``vmap`` (the vmapped population's
+  (P, N, C) logits are memory-bound on CPU).
+* ``"fix"`` — the S seeds of one fixer (:func:`fixer_seed_mode`): a fixer
+  does host work between its jitted kernels, so its seeds run either one
+  after another or in one ``jax.vmap(fix)`` (registry flag ``vmappable``);
+  ``auto`` is ``vmap`` everywhere, the study runner's choice, **not
+  measured** on any backend.
+
+**Unmeasured backends.** GPU, CUDA, ROCm and TPU entries are *not measured*
+(no accelerator was available when the table was made); they say ``vmap``
+because batching S models fills the device. :data:`MEASURED` lists the
+(backend, task) pairs that were measured; ``benchmarks/device_check.py``
+re-measures on an accelerator.
 
 Every strategy computes the same numbers up to floating-point reassociation
-(reductions may differ by about one ulp), so random draws made *outside* the
-function are identical under all strategies.
+(a batched reduction may differ from a per-member one by about one ulp;
+``lax_map``, ``sharded`` and ``sequential`` run the same per-member program),
+so random draws made *outside* the function are identical under all
+strategies.
 """
 
 from __future__ import annotations
@@ -47,16 +72,22 @@ import numpy as np
 from dlfix_jax import predict as predict_lib
 
 STRATEGIES = ("sequential", "vmap", "lax_map", "sharded", "auto")
+TASKS = ("predict", "pgd", "train", "population", "fix")
+AXIS = "stack"
+"""Name of the mesh axis the ``"sharded"`` strategy splits stacks over."""
 
-# (backend, task) -> strategy chosen by "auto"; measured with
-# benchmarks/eval_seeds.py (CPU). Unlisted pairs fall back to "sequential".
+_ACCEL = ("gpu", "cuda", "rocm", "tpu")
+# (backend, task) -> strategy chosen by "auto". CPU rows are measured
+# (MEASURED); accelerator rows are NOT measured (module docstring).
 AUTO_STRATEGY = {
     ("cpu", "predict"): "vmap", ("cpu", "pgd"): "sequential",
-    ("gpu", "predict"): "vmap", ("gpu", "pgd"): "vmap",
-    ("cuda", "predict"): "vmap", ("cuda", "pgd"): "vmap",
-    ("rocm", "predict"): "vmap", ("rocm", "pgd"): "vmap",
-    ("tpu", "predict"): "vmap", ("tpu", "pgd"): "vmap",
+    ("cpu", "train"): "sequential", ("cpu", "population"): "lax_map",
+    ("cpu", "fix"): "vmap",
+    **{(b, t): "vmap" for b in _ACCEL for t in TASKS},
 }
+MEASURED = frozenset({("cpu", t) for t in TASKS if t != "fix"})
+"""The (backend, task) pairs of :data:`AUTO_STRATEGY` backed by a
+measurement (BENCHMARKS.md); every other entry is a guess."""
 
 
 def stack_variables(trees: Sequence[Any]) -> Any:
@@ -109,10 +140,12 @@ def to_device(tree: Any) -> Any:
 def resolve_strategy(strategy: str = "auto", backend: str | None = None,
                      task: str = "predict") -> str:
     """Maps ``"auto"`` to a concrete strategy for ``backend`` (default: JAX's
-    default backend) and ``task`` ("predict" or "pgd"; other tasks get the
-    safe "sequential" on CPU); checks the name of any other strategy."""
+    default backend) and ``task`` (one of :data:`TASKS`; an unlisted pair
+    gets ``"sequential"`` on CPU, ``"vmap"`` elsewhere); checks the name of
+    any other strategy."""
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown seed strategy {strategy!r}; "
+        raise ValueError(f"unknown seed strategy {strategy!r} (for any stacked "
+                         f"axis: seeds, models, populations); "
                          f"choose one of {STRATEGIES}")
     if strategy != "auto":
         return strategy
@@ -121,96 +154,183 @@ def resolve_strategy(strategy: str = "auto", backend: str | None = None,
     return AUTO_STRATEGY.get((backend, task), default)
 
 
-@functools.lru_cache(maxsize=256)
-def seed_mapper(fn: Callable, strategy: str = "auto", task: str = "predict"
-                ) -> Callable:
-    """A function ``(stacked, *args) -> stacked outputs`` running ``fn`` per seed.
+def is_measured(backend: str | None = None, task: str = "predict") -> bool:
+    """Whether ``"auto"``'s choice for (backend, task) was measured."""
+    return (backend or jax.default_backend(), task) in MEASURED
 
-    ``fn(variables, *args)`` must be jittable; ``args`` are shared by all
-    seeds (not mapped). The mapper is cached per ``(fn, strategy)``, so pass
-    a stable ``fn`` (a module-level or cached function) to avoid recompiling.
+
+def fixer_seed_mode(strategy: str = "auto", vmappable: bool = True,
+                    backend: str | None = None) -> str:
+    """How the S seeds of one fixer run: ``"vmap"`` (one ``jax.vmap(fix)``
+    call, only for ``vmappable`` fixers) or ``"sequential"``.
+
+    A whole fixer is not one jittable function (it does host work between
+    kernels), so only these two strategies apply to it; ``"lax_map"`` and
+    ``"sharded"`` raise (they apply to a fixer's own stacked kernels: K
+    models, populations).
+    """
+    mode = resolve_strategy(strategy, backend, task="fix")
+    if mode not in ("sequential", "vmap"):
+        raise ValueError(f"fixer seeds run 'sequential' or 'vmap' (or "
+                         f"'auto'), not {strategy!r}: a fixer is not one "
+                         "jittable function")
+    return mode if vmappable else "sequential"
+
+
+def num_members(stacked: Any) -> int:
+    """The size of the leading stacked axis (alias of :func:`num_seeds`)."""
+    return num_seeds(stacked)
+
+
+def _index(tree, i):
+    return jax.tree_util.tree_map(
+        lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), tree)
+
+
+def _stack(outs):
+    return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
+
+
+@functools.lru_cache(maxsize=256)
+def stack_mapper(fn: Callable, strategy: str = "auto", task: str = "predict",
+                 mapped: int = 1) -> Callable:
+    """A function ``(*stacked, *shared) -> stacked outputs`` running ``fn``
+    once per member of the stack.
+
+    ``fn(m_0, ..., m_{mapped-1}, *shared)`` must be jittable; its first
+    ``mapped`` arguments are pytrees with a common leading stacked axis
+    (member i gets their i-th slices), the other arguments are shared by all
+    members. The mapper is cached per ``(fn, strategy, task, mapped)``, so
+    pass a stable ``fn`` (a module-level or cached function) to avoid
+    recompiling.
 
     Args:
-      fn: per-model function.
+      fn: per-member function.
       strategy: one of :data:`STRATEGIES`.
-      task: what ``"auto"`` optimises for ("predict", "pgd", ...).
+      task: what ``"auto"`` optimises for (:data:`TASKS`).
+      mapped: how many leading arguments carry the stacked axis (>= 1).
 
     Returns:
-      A callable whose outputs have a leading seed axis of size S.
+      A callable whose outputs have a leading stacked axis.
     """
+    if mapped < 1:
+        raise ValueError(f"mapped must be >= 1, got {mapped}")
     strategy = resolve_strategy(strategy, task=task)
     if strategy == "vmap":
-        return jax.jit(_vmap_first(fn))
+        return jax.jit(_vmap_first(fn, mapped))
     if strategy == "sharded":
-        return _sharded(fn)
+        return _sharded(fn, mapped=mapped)
     if strategy == "lax_map":
         @jax.jit
-        def run_map(stacked, *args):
-            return jax.lax.map(lambda v: fn(v, *args), stacked)
+        def run_map(*args):
+            return _lax_map(fn, args[:mapped], args[mapped:])
         return run_map
 
     @jax.jit
-    def one(stacked, i, *args):
-        v = jax.tree_util.tree_map(
-            lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False),
-            stacked)
-        return fn(v, *args)
+    def one(i, *args):
+        return fn(*_index(args[:mapped], i), *args[mapped:])
 
-    def run_seq(stacked, *args):
-        outs = [one(stacked, jnp.int32(i), *args)
-                for i in range(num_seeds(stacked))]
-        return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
+    def run_seq(*args):
+        n = num_members(args[0])
+        return _stack([one(jnp.int32(i), *args) for i in range(n)])
 
     return run_seq
 
 
-def seed_mesh(devices=None) -> jax.sharding.Mesh:
-    """A 1-D mesh named ``"seeds"`` over ``devices`` (default: all local)."""
-    devices = list(devices if devices is not None else jax.local_devices())
-    return jax.sharding.Mesh(np.asarray(devices), ("seeds",))
+def seed_mapper(fn: Callable, strategy: str = "auto", task: str = "predict"
+                ) -> Callable:
+    """:func:`stack_mapper` with one stacked argument (the seed axis):
+    ``(stacked, *shared) -> stacked outputs``."""
+    return stack_mapper(fn, strategy, task, 1)
 
 
-def _sharded(fn: Callable, devices=None) -> Callable:
-    """The seed axis split over the local devices (``shard_map`` on a
-    ``"seeds"`` mesh): each device runs ``lax.map`` over its own seeds, so a
-    seed's computation is the same program as under ``"lax_map"`` on one
-    device (bit-identical results). S is padded up to a multiple of the
-    device count by repeating the last seed; the padding is dropped."""
-    mesh = seed_mesh(devices)
-    n_dev = mesh.devices.size
-    P = jax.sharding.PartitionSpec
-
-    def local(stacked, *args):
-        return jax.lax.map(lambda v: fn(v, *args), stacked)
-
-    def run(stacked, *args):
-        s = num_seeds(stacked)
-        pad_n = (-s) % n_dev
-        if pad_n:
-            stacked = jax.tree_util.tree_map(
-                lambda a: jnp.concatenate(
-                    [a, jnp.repeat(a[-1:], pad_n, axis=0)]), stacked)
-        in_specs = (jax.tree_util.tree_map(lambda _: P("seeds"), stacked),) + \
-            tuple(jax.tree_util.tree_map(lambda _: P(), a) for a in args)
-        mapped = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=in_specs,
-                                       out_specs=P("seeds")))
-        out = mapped(stacked, *args)
-        return jax.tree_util.tree_map(lambda a: a[:s], out)
-
-    return run
-
-
-def _vmap_first(fn: Callable) -> Callable:
-    """vmaps ``fn`` over its first argument only."""
-    def run(stacked, *args):
-        return jax.vmap(lambda v: fn(v, *args))(stacked)
-    return run
+def map_stacked(fn: Callable, *args, strategy: str = "auto",
+                task: str = "predict", mapped: int = 1) -> Any:
+    """Runs ``fn`` per member of the first ``mapped`` (stacked) arguments;
+    see :func:`stack_mapper`."""
+    return stack_mapper(fn, strategy, task, mapped)(*args)
 
 
 def map_seeds(fn: Callable, stacked: Any, *args, strategy: str = "auto",
               task: str = "predict") -> Any:
     """Runs ``fn(variables_s, *args)`` for each seed s; see :func:`seed_mapper`."""
     return seed_mapper(fn, strategy, task)(stacked, *args)
+
+
+def map_traced(fn: Callable, stacked: Any, strategy: str = "auto",
+               task: str = "population") -> Any:
+    """``fn`` over the members of ``stacked`` *inside a trace* (e.g. a search
+    population scored within a compiled loop): ``"vmap"`` is ``jax.vmap``,
+    ``"lax_map"`` and ``"sequential"`` (no Python loop is possible in a
+    trace) are ``lax.map``, ``"sharded"`` splits the members over the local
+    devices (``shard_map``, ``lax.map`` on each: bit-identical to
+    ``"lax_map"``). ``fn`` may close over arrays; they are replicated."""
+    strategy = resolve_strategy(strategy, task=task)
+    if strategy == "vmap":
+        return jax.vmap(fn)(stacked)
+    if strategy == "sharded":
+        return _shard_call(lambda st: jax.lax.map(fn, st), (stacked,), (),
+                           jax.local_devices())
+    return jax.lax.map(fn, stacked)
+
+
+def stack_mesh(devices=None) -> jax.sharding.Mesh:
+    """A 1-D mesh named :data:`AXIS` over ``devices`` (default: all local)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+    return jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+
+
+seed_mesh = stack_mesh
+
+
+def _lax_map(fn, stacked_args, shared):
+    return jax.lax.map(lambda m: fn(*m, *shared), tuple(stacked_args))
+
+
+def _shard_call(local, stacked_args, shared, devices):
+    """``local(*stacked_args, *shared)`` with the stacked args split over a
+    :data:`AXIS` mesh of ``devices`` (padded to a multiple of their count
+    by repeating the last member; the padding is dropped)."""
+    mesh = stack_mesh(devices)
+    n_dev = mesh.devices.size
+    P = jax.sharding.PartitionSpec
+    s = jax.tree_util.tree_leaves(stacked_args[0])[0].shape[0]
+    pad_n = (-s) % n_dev
+    if pad_n:
+        stacked_args = jax.tree_util.tree_map(
+            lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad_n, axis=0)]),
+            stacked_args)
+    in_specs = (tuple(jax.tree_util.tree_map(lambda _: P(AXIS), a)
+                      for a in stacked_args)
+                + tuple(jax.tree_util.tree_map(lambda _: P(), a)
+                        for a in shared))
+    out = jax.shard_map(local, mesh=mesh, in_specs=in_specs,
+                        out_specs=P(AXIS))(*stacked_args, *shared)
+    return jax.tree_util.tree_map(lambda a: a[:s], out)
+
+
+def _sharded(fn: Callable, devices=None, mapped: int = 1) -> Callable:
+    """The stacked axis split over the local devices (``shard_map`` on a
+    :data:`AXIS` mesh): each device runs ``lax.map`` over its own members,
+    so a member's computation is the same program as under ``"lax_map"``
+    on one device (bit-identical results)."""
+    devices = list(devices if devices is not None else jax.local_devices())
+
+    def local(*args):
+        return _lax_map(fn, args[:mapped], args[mapped:])
+
+    @jax.jit
+    def run(*args):
+        return _shard_call(local, args[:mapped], args[mapped:], devices)
+
+    return run
+
+
+def _vmap_first(fn: Callable, mapped: int = 1) -> Callable:
+    """vmaps ``fn`` over its first ``mapped`` arguments only."""
+    def run(*args):
+        return jax.vmap(lambda *m: fn(*m, *args[mapped:]))(*args[:mapped])
+    return run
 
 
 # ---------------------------------------------------------------------------

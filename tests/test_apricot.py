@@ -61,6 +61,33 @@ def test_rdlms_are_trained_together_with_a_leading_k_axis():
     assert np.all(np.asarray(acc) > 0.3)  # trained, not chance (0.1)
 
 
+def test_rdlm_strategies_agree():
+    """Every strategy of the layer trains the same K models: lax_map runs the
+    per-model step program of sequential (equal to float tolerance: the step
+    is compiled inside a loop there), vmap a batched one."""
+    ds, model, v, prob = tiny_problem()
+    out = {}
+    for strat in ("sequential", "lax_map", "vmap"):
+        cfg = _cfg(rdlm_epochs=1, rdlm_per_class=20, rdlm_strategy=strat)
+        out[strat], _ = apricot.train_rdlms(jax.random.key(3), model,
+                                            prob.train, 10, cfg, original=v)
+    ref = jax.tree_util.tree_leaves(out["sequential"])
+    moved = [np.max(np.abs(np.asarray(a) - np.asarray(b))) for a, b in
+             zip(ref, jax.tree_util.tree_leaves(v))]
+    assert max(moved) > 1e-3  # the models were trained
+    for strat in ("lax_map", "vmap"):
+        for a, b in zip(ref, jax.tree_util.tree_leaves(out[strat])):
+            assert a.shape == b.shape
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b),
+                                       rtol=1e-4, atol=1e-5)
+
+
+def test_rdlm_strategy_is_checked():
+    import pytest
+    with pytest.raises(ValueError, match="rdlm_strategy"):
+        apricot.check_config(_cfg(rdlm_strategy="threads"))
+
+
 def test_fix_repairs_is_finite_and_deterministic():
     ds, model, v, prob = tiny_problem()
     a = apricot.fix(jax.random.key(5), prob, _cfg())

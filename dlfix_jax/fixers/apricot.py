@@ -25,11 +25,13 @@ Algorithm:
    W_I are near the origin and the update below collapses to a rescale of W
    (measured at ad3de2b: every leaf x 1.0122, 0 of 20 failing inputs fixed
    by one adaptation batch; RR came from retraining alone). Trained with
-   the shared training loop
-   (:func:`dlfix_jax.training.loop.fit_many`): one model after another on
-   CPU, one vmapped step for all K on GPU/TPU (the per-backend strategy of
-   :mod:`dlfix_jax.seed_axis`; ``rdlm_strategy`` overrides it). The stacked
-   result carries a leading K axis (see :func:`train_rdlms`).
+   the shared training step through the strategy layer
+   (:func:`fit_rdlms`, :mod:`dlfix_jax.seed_axis`, task ``"train"``): one
+   model after another on CPU (measured: 4x+ faster than a vmapped step in
+   a ``lax.scan``, BENCHMARKS.md), one vmapped step for all K on GPU/TPU
+   (not measured); ``rdlm_strategy`` overrides it (``"sharded"`` splits the
+   K models over the local devices). The stacked result carries a leading
+   K axis (see :func:`train_rdlms`).
 2. **Weight adaptation, one mini-batch at a time.** The failing repair
    inputs are shuffled and cut into mini-batches of ``batch_size`` (20). For
    each input x of a batch that the *current* model misclassifies, the rDLMs
@@ -128,7 +130,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.rdlm_epochs = 60
     c.rdlm_lr = 2e-4
     c.rdlm_batch_size = 128
-    c.rdlm_strategy = "auto"   # auto | sequential | vmap (seed_axis)
+    c.rdlm_strategy = "auto"   # a seed_axis strategy, task "train"
     c.rdlm_init = "original"   # original | scratch (module docstring)
     c.skip_unanimous = False   # True: coinse's skip of unanimous inputs
     c.batch_size = 20
@@ -147,7 +149,7 @@ def check_config(cfg) -> None:
     base.check_ranges(
         cfg, num_rdlms=(2, None), rdlm_per_class=(1, None),
         rdlm_epochs=(0, None), rdlm_lr=(0.0, 10.0), rdlm_batch_size=(1, None),
-        rdlm_strategy={"auto", "sequential", "vmap"},
+        rdlm_strategy=set(seed_axis.STRATEGIES),
         rdlm_init=set(RDLM_INITS), skip_unanimous={True, False},
         batch_size=(1, None),
         eta=(0.0, None), strategy=set(STRATEGIES), retrain_epochs=(0.0, None),
@@ -218,12 +220,55 @@ def train_rdlms(key, model, train, num_classes: int,
     iters = [train.subset(sub[i]).take_steps(
         jax.random.fold_in(loop.order_key(k_ord), i), bs, steps)
         for i in range(k)]
-    trained = loop.fit_many(
+    trained = fit_rdlms(
         [jax.random.fold_in(loop.step_key(k_ord), i) for i in range(k)],
         inits, iters, step_fn=step_fn, tx=tx, num_steps=steps,
         strategy=str(config.get("rdlm_strategy", "auto")),
         desc="Apricot reduced models")
-    return seed_axis.stack_variables(trained), subsets
+    return trained, subsets
+
+
+def fit_rdlms(keys, inits, batch_iters, *, step_fn, tx, num_steps: int,
+              strategy: str = "auto", desc: str = "") -> dict:
+    """Trains K models, each from its own init, key and batch iterator, for
+    ``num_steps`` steps of ``step_fn``; returns their stacked (K, ...)
+    variables.
+
+    ``strategy`` is a :mod:`dlfix_jax.seed_axis` strategy for the task
+    ``"train"``: ``"sequential"`` trains one model after another
+    (:func:`dlfix_jax.training.loop.fit_many`, one jitted step per call);
+    ``"vmap"``, ``"lax_map"`` and ``"sharded"`` stack the K training states
+    and run one call per step through :func:`seed_axis.stack_mapper` (the
+    state, the batch and the key are the stacked arguments). ``lax_map``,
+    ``sharded`` and ``sequential`` run the same per-model step program;
+    ``vmap`` may differ from them by float reassociation.
+    """
+    strategy = seed_axis.resolve_strategy(strategy, task="train")
+    k = len(inits)
+    if not (len(keys) == len(batch_iters) == k):
+        raise ValueError("fit_rdlms needs one key and one batch iterator per "
+                         "model")
+    if strategy == "sequential":
+        return seed_axis.stack_variables(loop.fit_many(
+            keys, inits, batch_iters, step_fn=step_fn, tx=tx,
+            num_steps=num_steps, strategy="sequential", desc=desc))
+    step = seed_axis.stack_mapper(step_fn, strategy, "train", 3)
+    states = seed_axis.stack_variables([loop.init_state(v, tx)
+                                        for v in inits])
+    key_stack = jnp.stack(list(keys))
+    its = [iter(b) for b in batch_iters]
+    prog = progress_lib.Progress(num_steps, desc or "training K models")
+    for s in range(1, num_steps + 1):
+        batch = jax.tree_util.tree_map(lambda *b: np.stack(b),
+                                       *[next(i) for i in its])
+        states, metrics = step(states, batch, key_stack)
+        if s % 50 == 0 or s == num_steps:
+            loss = np.asarray(metrics["loss"])
+            if not np.all(np.isfinite(loss)):
+                raise FloatingPointError(f"{desc}: non-finite loss at step {s}")
+            prog.update(s, float(loss.mean()))
+    prog.done()
+    return states.variables
 
 
 # ---------------------------------------------------------------------------
@@ -256,7 +301,7 @@ def _clamp_vars(variables):
 
 @functools.lru_cache(maxsize=32)
 def make_adapt(model, eta: float, strategy: str,
-               skip_unanimous: bool = False):
+               skip_unanimous: bool = False, predict_strategy: str = "auto"):
     """Returns jitted ``adapt(variables, rdlms, x, y, valid) -> (variables,
     n_adj, n_fixed)``; ``rdlms`` are the stacked (K, ...) reduced models,
     ``n_fixed`` the valid rows misclassified before and classified
@@ -264,7 +309,9 @@ def make_adapt(model, eta: float, strategy: str,
 
     ``x, y`` is one mini-batch (padded; ``valid`` marks real rows). The
     rDLMs' and the current model's predictions are computed once per batch;
-    the inputs are then applied one after another.
+    the inputs are then applied one after another. The K rDLMs' predictions
+    go through the strategy layer (``predict_strategy``, task
+    ``"predict"``: vmap on CPU, as measured).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown Apricot strategy {strategy!r}; one of {STRATEGIES}")
@@ -272,7 +319,9 @@ def make_adapt(model, eta: float, strategy: str,
     @jax.jit
     def adapt(variables, rdlms, x, y, valid):
         k = jax.tree_util.tree_leaves(rdlms)[0].shape[0]
-        rpred = jax.vmap(lambda v: jnp.argmax(model.apply(v, x), -1))(rdlms)
+        rpred = seed_axis.map_traced(
+            lambda v: jnp.argmax(model.apply(v, x), -1), rdlms,
+            predict_strategy, "predict")
         cur = jnp.argmax(model.apply(variables, x), -1)
 
         def body(v, i):
@@ -346,7 +395,11 @@ def fix(key: jax.Array, problem: base.Problem,
                            config, original=problem.variables)
     rdlms = jax.block_until_ready(rdlms)
     t_rdlm = time.perf_counter() - t0
-    rdlm_acc = [valid_acc(v) for v in seed_axis.unstack_variables(rdlms)]
+    vsplit = valid.split() if hasattr(valid, "split") else valid
+    vy = np.asarray(vsplit.y)
+    rdlm_acc = (np.mean(seed_axis.predict_stack(model, rdlms, vsplit.x, ebs)
+                        == vy[None], axis=1) if len(vy)
+                else np.full(int(config.num_rdlms), np.nan))
 
     variables = problem.variables
     best, best_acc = variables, float(valid_acc(variables))

@@ -6,8 +6,10 @@ which owns the ``lax.while_loop``, the best-so-far trace, the early-stop
 rule and the stop code. So every search
 
 * takes an explicit key (same key -> same result) and a per-candidate
-  ``fitness_fn(x: (k,)) -> scalar``; the whole population is scored in one
-  ``jax.vmap``-ed call per generation;
+  ``fitness_fn(x: (k,)) -> scalar``; the population is scored through the
+  strategy layer (:func:`dlfix_jax.seed_axis.map_traced`, task
+  ``"population"``: vmap, lax.map or sharded over devices; ``"auto"`` picks
+  per backend), chosen with ``population_strategy``;
 * is jit-able and ``vmap``-able over keys (the fixers run S seeds at once);
 * maximises by default (``maximize=False`` minimises, e.g. a pyswarms cost);
 * returns a :class:`SearchResult` pytree.

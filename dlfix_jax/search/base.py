@@ -8,8 +8,9 @@ optax's shape:
 * ``step(state, score_fn) -> state``: one generation / iteration.
 
 ``score_fn`` maps a (P, k) population to (P,) scores, **maximised** (the
-driver folds the sign in); the whole population is scored in one batched
-call. A state is any pytree with the fields ``key``, ``best_x`` (k,),
+driver folds the sign in); the whole population is scored in one call
+through the strategy layer (:func:`dlfix_jax.seed_axis.map_traced`, task
+``"population"``: vmap, lax.map or sharded over devices). A state is any pytree with the fields ``key``, ``best_x`` (k,),
 ``best_s`` (scalar) and ``evaluations``; the strategy keeps its key in the
 state, so the random stream is the strategy's own.
 
@@ -27,6 +28,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dlfix_jax import seed_axis
 
 STOP_REASONS = ("max_generations", "unchanged", "ftol")
 """Names of the ``stop_reason`` codes: 0 = the generation budget ran out,
@@ -132,7 +135,8 @@ def stop_ftol(ftol: float, ftol_iter: int) -> StopRule:
 def run(strategy: Strategy, key: jax.Array,
         fitness_fn: Callable[[jax.Array], jax.Array], x0: jax.Array, *,
         max_generations: int, stop: StopRule | None = None,
-        maximize: bool = True, return_state: bool = False):
+        maximize: bool = True, return_state: bool = False,
+        population_strategy: str = "auto"):
     """Runs ``strategy`` from the (P, k) population ``x0``.
 
     Args:
@@ -145,6 +149,12 @@ def run(strategy: Strategy, key: jax.Array,
       maximize: maximise (True) or minimise the fitness.
       return_state: also return the strategy's final state (e.g. the GA's
         last population; its scores are in the maximised sign).
+      population_strategy: how a population is scored, a
+        :mod:`dlfix_jax.seed_axis` strategy for the task ``"population"``
+        (:func:`dlfix_jax.seed_axis.map_traced`): ``"vmap"`` one batched
+        call, ``"lax_map"`` (= ``"sequential"`` inside the compiled loop)
+        one candidate after another, ``"sharded"`` the candidates split over
+        the local devices; ``"auto"`` the measured choice per backend.
 
     Returns:
       :class:`SearchResult` in the caller's sign convention, or
@@ -155,7 +165,13 @@ def run(strategy: Strategy, key: jax.Array,
     max_generations = int(max_generations)
     stop = stop or stop_never()
     sign = 1.0 if maximize else -1.0
-    score_fn = jax.vmap(lambda x: sign * fitness_fn(x))
+    pop_strategy = seed_axis.resolve_strategy(population_strategy,
+                                              task="population")
+
+    def score_fn(pop):
+        return seed_axis.map_traced(lambda x: sign * fitness_fn(x), pop,
+                                    pop_strategy, "population")
+
     x0 = jnp.asarray(x0, jnp.float32)
     st0 = strategy.init(key, x0, score_fn)
     b0 = jnp.asarray(st0.best_s, jnp.float32)

@@ -93,7 +93,8 @@ def de_strategy(lower, upper, *, cr: float = 0.7,
 def de(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
        init_pop: jax.Array, lower, upper, *, max_generations: int = 100,
        cr: float = 0.7, f_range: tuple[float, float] = (0.5, 1.0),
-       patience: int | None = None, maximize: bool = True
+       patience: int | None = None, maximize: bool = True,
+       population_strategy: str = "auto"
        ) -> base.SearchResult:
     """Runs DE/rand/1/bin from ``init_pop``.
 
@@ -107,6 +108,9 @@ def de(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
       f_range: (low, high) of the per-generation mutation factor.
       patience: stagnation window; None -> ``max(10, max_generations // 10)``.
       maximize: maximise (True) or minimise the fitness.
+      population_strategy: how the population is scored (a
+        :mod:`dlfix_jax.seed_axis` strategy, task "population"; see
+        :func:`dlfix_jax.search.run`).
 
     Returns:
       :class:`~dlfix_jax.search.SearchResult`.
@@ -116,4 +120,5 @@ def de(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
     return base.run(de_strategy(lower, upper, cr=cr, f_range=f_range), key,
                     fitness_fn, init_pop, max_generations=max_generations,
                     stop=base.stop_unchanged(patience, skip_first=True),
-                    maximize=maximize)
+                    maximize=maximize,
+                    population_strategy=population_strategy)

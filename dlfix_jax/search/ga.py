@@ -115,7 +115,7 @@ def ga(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
        mut_prob: float | None = None, sigma: float = 0.1, n_elite: int = 1,
        patience: int | None = None, maximize: bool = True,
        selection: str = "tournament", n_parents: int = 10,
-       return_state: bool = False):
+       return_state: bool = False, population_strategy: str = "auto"):
     """Runs the GA from ``init_pop``.
 
     Args:
@@ -135,6 +135,9 @@ def ga(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
       n_parents: truncation selection's parent pool (ignored otherwise).
       patience: stagnation window, None -> no early stop.
       maximize: maximise (True) or minimise.
+      population_strategy: how the population is scored (a
+        :mod:`dlfix_jax.seed_axis` strategy, task "population"; see
+        :func:`dlfix_jax.search.run`).
       return_state: also return the final :class:`GAState` (last
         population and its maximised scores).
 
@@ -150,4 +153,5 @@ def ga(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array],
             else base.stop_unchanged(int(patience)))
     return base.run(strategy, key, fitness_fn, init_pop,
                     max_generations=max_generations, stop=stop,
-                    maximize=maximize, return_state=return_state)
+                    maximize=maximize, return_state=return_state,
+                    population_strategy=population_strategy)

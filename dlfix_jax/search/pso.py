@@ -19,8 +19,8 @@
   best of the last ``patience`` iterations is not better than the best
   before them (eAI: 10).
 
-Deviation (both): all particles move synchronously and are scored in one
-``vmap``-ed call; eAI scores particles one after another but also updates
+Deviation (both): all particles move synchronously and are scored together
+(one call of the strategy layer per iteration); eAI scores particles one after another but also updates
 the global best only once per iteration, so the constriction variant matches
 it exactly in distribution.
 """
@@ -120,7 +120,9 @@ def pso_global_best(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array]
                     lower=None, upper=None, bh_strategy: str | None = "periodic",
                     velocity_clamp: tuple[float, float] | None = None,
                     ftol: float = -jnp.inf, ftol_iter: int = 1,
-                    maximize: bool = True) -> base.SearchResult:
+                    maximize: bool = True,
+                    population_strategy: str = "auto"
+                    ) -> base.SearchResult:
     """pyswarms-style global-best PSO (defaults: CARE's w=0.8, c1=c2=0.41).
 
     Args:
@@ -134,6 +136,9 @@ def pso_global_best(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array]
       velocity_clamp: (min, max) elementwise clamp, or None.
       ftol, ftol_iter: pyswarms' relative-change stop (``-inf``: never).
       maximize: maximise (True) or minimise.
+      population_strategy: how the population is scored (a
+        :mod:`dlfix_jax.seed_axis` strategy, task "population"; see
+        :func:`dlfix_jax.search.run`).
 
     Returns:
       :class:`~dlfix_jax.search.SearchResult` (trace[0] is NaN: pyswarms
@@ -146,7 +151,8 @@ def pso_global_best(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array]
             else base.stop_never())
     return base.run(strategy, key, fitness_fn, init_pos,
                     max_generations=max_iterations, stop=stop,
-                    maximize=maximize)
+                    maximize=maximize,
+                    population_strategy=population_strategy)
 
 
 def constriction_strategy(*, phi: float = 4.1, v_min: float | None = None,
@@ -200,7 +206,9 @@ def pso_constriction(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array
                      phi: float = 4.1, v_min: float | None = None,
                      v_max: float | None = None, patience: int = 10,
                      lower=None, upper=None, rho_per_dim: bool = False,
-                     maximize: bool = True) -> base.SearchResult:
+                     maximize: bool = True,
+                     population_strategy: str = "auto"
+                     ) -> base.SearchResult:
     """Constriction PSO of the eAI Arachne / NeuRecover searchers.
 
     Args:
@@ -216,6 +224,9 @@ def pso_constriction(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array
       rho_per_dim: draw rho per dimension instead of one scalar per particle
         (eAI draws scalars).
       maximize: maximise (True) or minimise.
+      population_strategy: how the population is scored (a
+        :mod:`dlfix_jax.seed_axis` strategy, task "population"; see
+        :func:`dlfix_jax.search.run`).
 
     Returns:
       :class:`~dlfix_jax.search.SearchResult`.
@@ -225,4 +236,5 @@ def pso_constriction(key: jax.Array, fitness_fn: Callable[[jax.Array], jax.Array
                                      rho_per_dim=rho_per_dim)
     return base.run(strategy, key, fitness_fn, init_pos,
                     max_generations=max_iterations,
-                    stop=base.stop_window(patience), maximize=maximize)
+                    stop=base.stop_window(patience), maximize=maximize,
+                    population_strategy=population_strategy)
