@@ -239,7 +239,8 @@ def fit_rdlms(keys, inits, batch_iters, *, step_fn, tx, num_steps: int,
     (:func:`dlfix_jax.training.loop.fit_many`, one jitted step per call);
     ``"vmap"``, ``"lax_map"`` and ``"sharded"`` stack the K training states
     and run one call per step through :func:`seed_axis.stack_mapper` (the
-    state, the batch and the key are the stacked arguments). ``lax_map``,
+    state, the batch and the key are the stacked arguments; the loop is
+    :func:`loop.fit_many`'s). ``lax_map``,
     ``sharded`` and ``sequential`` run the same per-model step program;
     ``vmap`` may differ from them by float reassociation.
     """
@@ -248,27 +249,9 @@ def fit_rdlms(keys, inits, batch_iters, *, step_fn, tx, num_steps: int,
     if not (len(keys) == len(batch_iters) == k):
         raise ValueError("fit_rdlms needs one key and one batch iterator per "
                          "model")
-    if strategy == "sequential":
-        return seed_axis.stack_variables(loop.fit_many(
-            keys, inits, batch_iters, step_fn=step_fn, tx=tx,
-            num_steps=num_steps, strategy="sequential", desc=desc))
-    step = seed_axis.stack_mapper(step_fn, strategy, "train", 3)
-    states = seed_axis.stack_variables([loop.init_state(v, tx)
-                                        for v in inits])
-    key_stack = jnp.stack(list(keys))
-    its = [iter(b) for b in batch_iters]
-    prog = progress_lib.Progress(num_steps, desc or "training K models")
-    for s in range(1, num_steps + 1):
-        batch = jax.tree_util.tree_map(lambda *b: np.stack(b),
-                                       *[next(i) for i in its])
-        states, metrics = step(states, batch, key_stack)
-        if s % 50 == 0 or s == num_steps:
-            loss = np.asarray(metrics["loss"])
-            if not np.all(np.isfinite(loss)):
-                raise FloatingPointError(f"{desc}: non-finite loss at step {s}")
-            prog.update(s, float(loss.mean()))
-    prog.done()
-    return states.variables
+    return seed_axis.stack_variables(loop.fit_many(
+        keys, inits, batch_iters, step_fn=step_fn, tx=tx,
+        num_steps=num_steps, strategy=strategy, desc=desc))
 
 
 # ---------------------------------------------------------------------------

@@ -632,9 +632,7 @@ def run_study(config, workdir: str, force: bool = False) -> list[dict]:
         raise ValueError(f"num_seeds must be >= 1, got {S}")
     approaches = approach_names(config)
     strategy = str(config.fix_strategy)
-    if strategy not in ("auto", "vmap", "sequential"):
-        raise ValueError(f"fix_strategy must be auto, vmap or sequential, "
-                         f"got {strategy!r}")
+    seeds_lib.fixer_seed_mode(strategy)  # raises on a strategy fixers lack
     # Every fixer config is built (and checked) before anything is written.
     cfgs = {a: fixer_config(fixers.get(a), config.fixers.get(a)
                             if "fixers" in config else None)
@@ -919,8 +917,7 @@ def _run_approach(spec, model, variables, dataset, problem, pcfg, config,
                      spec.name, reason, progress.step(S))
         return recs
 
-    mode = ("vmap" if spec.vmappable and strategy != "sequential"
-            else "sequential")
+    mode = seeds_lib.fixer_seed_mode(strategy, spec.vmappable)
     if strategy == "vmap" and not spec.vmappable:
         logging.info("fixer %s is not vmappable; running sequentially",
                      spec.name)

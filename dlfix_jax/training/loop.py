@@ -334,15 +334,17 @@ def fit_many(keys: Sequence[jax.Array], variables_list: Sequence[dict],
 
     ``strategy`` (:func:`dlfix_jax.seed_axis.resolve_strategy`, task
     "train"): "sequential" trains one model after another (one jitted step
-    per call); "vmap" stacks the K states and runs one vmapped step per call
-    on stacked batches. Both give the same numbers up to float reassociation.
+    per call); "vmap", "lax_map" and "sharded" stack the K states and run
+    one batched step per call on stacked batches
+    (:func:`dlfix_jax.seed_axis.stack_mapper`). All give the same numbers up
+    to float reassociation.
     """
     strategy = seed_axis.resolve_strategy(strategy, task="train")
     k = len(variables_list)
     if not (len(keys) == len(batch_iters) == k):
         raise ValueError("fit_many needs one key and one batch iterator per "
                          "model")
-    if strategy != "vmap":
+    if strategy == "sequential":
         out = []
         for i in range(k):
             res = fit(keys[i], variables_list[i], batch_iters[i],
@@ -350,7 +352,7 @@ def fit_many(keys: Sequence[jax.Array], variables_list: Sequence[dict],
                       desc=f"{desc} model {i + 1}/{k}".strip())
             out.append(res.variables)
         return out
-    vstep = _vmapped_step(step_fn)
+    vstep = seed_axis.stack_mapper(step_fn, strategy, "train", 3)
     states = seed_axis.stack_variables(
         [init_state(v, tx) for v in variables_list])
     key_stack = jnp.stack(list(keys))
@@ -367,11 +369,6 @@ def fit_many(keys: Sequence[jax.Array], variables_list: Sequence[dict],
             prog.update(s, float(loss.mean()))
     prog.done()
     return [st.variables for st in seed_axis.unstack_variables(states)]
-
-
-@functools.lru_cache(maxsize=None)
-def _vmapped_step(step_fn):
-    return jax.jit(jax.vmap(step_fn))
 
 
 def step_key(key: jax.Array) -> jax.Array:
