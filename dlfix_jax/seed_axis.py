@@ -39,8 +39,9 @@ Tasks (what ``"auto"`` optimises for) and the CPU measurements behind
 * ``"population"`` — scoring a search population inside the search's
   compiled loop (``benchmarks/population.py``, DE with P = 100 on an
   Arachne-style cached fitness): ``lax_map``, one candidate after another,
-  2-4x the evaluations per second of ``vmap`` (the vmapped population's
-  (P, N, C) logits are memory-bound on CPU).
+  6.9-8.1x the evaluations per second of ``vmap`` under load (2.2-3.8x in
+  a shorter, less loaded run; the vmapped population's (P, N, C) logits are
+  memory-bound on CPU).
 * ``"fix"`` — the S seeds of one fixer (:func:`fixer_seed_mode`): a fixer
   does host work between its jitted kernels, so its seeds run either one
   after another or in one ``jax.vmap(fix)`` (registry flag ``vmappable``);

@@ -58,6 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlfix_jax.models import layers
 from dlfix_jax.training import loop
 
 LEVELS = ("enc1", "enc2", "enc3", "dec2", "dec1")
@@ -242,9 +243,12 @@ def eigh_each(covs):
     input the tasks never run (a deadlock observed three times in the
     DeepRepair fidelity run, gdb backtraces in BENCHMARKS.md). A
     ``lax.map`` issues B unbatched calls: the same LAPACK routine per
-    matrix, so the same numbers.
+    matrix, so the same numbers. CPU only (:func:`layers.on_cpu`), like every
+    CPU workaround; other backends keep the batched ``eigh``.
     """
-    return jax.lax.map(jnp.linalg.eigh, covs)
+    if layers.on_cpu():
+        return jax.lax.map(jnp.linalg.eigh, covs)
+    return jax.vmap(jnp.linalg.eigh)(covs)  # not measured off CPU
 
 
 def style_stats(f, eps: float = 1.0):

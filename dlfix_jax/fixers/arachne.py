@@ -50,7 +50,9 @@ JAX design
 Only the target layer changes, so its input activations (``capture``) and
 the original logits are computed ONCE; a candidate's logits are
 ``base + h[:, rows] @ ((v - w0)[:, None] * onehot(cols))``, and the whole population
-is scored in one vmapped call per generation, inside ``lax.while_loop``.
+is scored in one call per generation of the strategy layer
+(``seed_axis.map_traced``, task "population": ``lax.map`` on CPU, ``vmap``
+elsewhere), inside ``lax.while_loop``.
 
 Localisation depends only on the problem (not on the key), so ``fix`` runs it
 on the host (numpy) *before* any use of the key: its output size ``k`` is a

@@ -30,7 +30,8 @@ layer that reads the neurons, so the repair can be folded into it).
 
      cost(r) = (1 - alpha) (1 - acc(I_neg)) + alpha (1 - acc(I_pos))
 
-   with ``alpha = 0.1``. The whole swarm is scored in one ``vmap``-ed call
+   with ``alpha = 0.1``. The whole swarm is scored in one call of the strategy
+   layer (``seed_axis.map_traced``: ``lax.map`` on CPU, ``vmap`` elsewhere)
    on the cached input of ``D`` (only ``D`` and the layers after it are
    recomputed, via :func:`dlfix_jax.fixers._fitness.candidate_logits`).
 3. **Fold**: ``h_i <- r_i h_i`` feeding ``D`` is exactly ``D.kernel[i, :] <-

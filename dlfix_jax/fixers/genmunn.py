@@ -29,8 +29,9 @@ Algorithm (ours)
    breeds 40 children from two parents drawn uniformly from them: uniform
    crossover of their delta vectors, then every gene (``mut_prob = 1``)
    gets ``+ sigma_l xi`` (the spec's mutation ``w <- w + sigma_l xi`` over the
-   selected weights). The 40 children are scored in one ``vmap``-ed call per
-   generation inside ``lax.while_loop``; at most 100 generations, stop when
+   selected weights). The 40 children are scored in one call per generation
+   of the strategy layer (``seed_axis.map_traced``: ``lax.map`` on CPU,
+   ``vmap`` elsewhere) inside ``lax.while_loop``; at most 100 generations, stop when
    the best is unchanged for more than 10 (patience).
 4. **Fitness** (maximise) on the repair split (``I_pos + I_neg``)::
 

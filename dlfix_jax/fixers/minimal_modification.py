@@ -101,8 +101,10 @@ step runs on the pattern-fixed LP (cheap), and the MILP then runs on the
 kept points; when the pattern-fixed LP gives nothing, the MILP runs on all
 points in the ``epsilon_max`` box, without reduction.
 
-**Anytime, timeout.** ``time_limit_s`` bounds the whole fix (checked before
-each phase and passed to HiGHS as its time limit; ``info["timed_out"]`` is
+**Anytime, timeout.** ``time_limit_s`` bounds the solving, from the end of
+the build (layer inputs, Jacobian rows: its first call compiles, and its time
+depends on the machine's load) to the end (checked before each phase and
+passed to HiGHS as its time limit; ``info["timed_out"]`` is
 1 when it cut anything). The smallest modification found is kept: in the
 lazy LP, when the time runs out after a solved round, that round's solution
 is returned with status "feasible" and the points it violates counted as
@@ -256,7 +258,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.separation = ""       # "" single layer | Dense layer name: 3M-DNN
     c.search = "greedy"     # separation-value search: "greedy" | "random"
     c.num_candidates = 4    # separation-value candidates after α = 0
-    c.time_limit_s = 60.0   # whole fix; original returned when nothing found
+    c.time_limit_s = 60.0   # solving (after the build); original returned when nothing found
     c.max_lp_size = int(1e8)  # constraint-matrix nonzeros
     c.batch_size = 256      # points per Jacobian batch
     return c
@@ -711,6 +713,10 @@ def fix(key: jax.Array, problem: base.Problem,
     b = np.asarray(lparams["bias"], np.float64)
     tail = _tail(model, params, li)
     info["time_build_s"] = time.perf_counter() - t_build
+    # The limit bounds the solving, not the build (whose first call compiles
+    # the Jacobian: its time depends on the machine's load, and a limit on it
+    # would make the result depend on the load too).
+    deadline = time.perf_counter() + float(config.time_limit_s)
 
     def result(delta_flat, keep, status):
         """Writes Δ (full flat vector) back, or returns the original."""
@@ -1175,6 +1181,7 @@ def _fix_multi_result(key, problem, config, deadline, info, x, y, si, li,
     z = a @ w1 + b1
     relu = any(s_.kind == "relu" for s_ in model.layers[si + 1:li])
     info["time_build_s"] = time.perf_counter() - t_build
+    deadline = time.perf_counter() + float(config.time_limit_s)  # solving only
     n_fail = len(problem.failing)
     dl1, dl2, keep, status = _fix_multi(key, config, deadline, info, a, z,
                                         relu, w2, b2, y, n_fail,

@@ -59,7 +59,9 @@ final model, normally ``history[-1]``).
 
    with ``L`` the mean cross-entropy over the set, ``alpha = 1``, and ``P``
    200 passing inputs drawn **with replacement** (key-dependent). The whole
-   swarm is one ``vmap``-ed call per iteration, inside ``lax.while_loop``:
+   swarm is scored in one call per iteration of the strategy layer
+   (``seed_axis.map_traced``, task "population": ``lax.map`` on CPU,
+   ``vmap`` elsewhere), inside ``lax.while_loop``:
 
    * all of ``L`` in the logits layer: cached-activation fitness
      (:mod:`dlfix_jax.fixers._fitness`), a candidate only adds

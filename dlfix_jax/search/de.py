@@ -17,8 +17,9 @@ Semantics follow ``coinse/arachne`` ``search/de_vk.py`` (read, not copied):
 Deviation: the original updates the population in place while it sweeps it
 (a later target may pick an already-replaced ``a, b, c``); here all trial
 vectors of a generation are built from the same population and scored in one
-``vmap``-ed call (synchronous DE), which is what makes the population
-evaluation a single batched computation.
+call of the strategy layer (synchronous DE; ``seed_axis.map_traced``,
+``lax.map`` on CPU, ``vmap`` elsewhere), which is what makes the population
+evaluation a single compiled computation.
 """
 
 from __future__ import annotations
