@@ -131,6 +131,31 @@ def weight_mask(params, layer: str, indices) -> Mask:
     return _with_layer(params, layer, fn)
 
 
+def kernel_entries_mask(params, layers: Sequence[str], lay, idx) -> Mask:
+    """The mask of kernel entries ``idx[j]`` = (row, col) of Dense kernel
+    ``layers[lay[j]]`` (entries of several layers at once)."""
+    lay, idx = np.asarray(lay), np.asarray(idx)
+    mask = empty_mask(params)
+    for i, name in enumerate(layers):
+        sel = lay == i
+        if np.any(sel):
+            mask = mask_or(mask, weight_mask(params, name, idx[sel]))
+    return mask
+
+
+def per_gene(params, layers: Sequence[str], fn, idx: "Indices") -> np.ndarray:
+    """A (k,) host vector in ``idx`` order whose entries for layer ``l``'s
+    kernel are ``fn(l, i, kernel)`` (an array shaped like the kernel)."""
+    tree = jax.tree_util.tree_map(lambda p: np.zeros(np.shape(p), np.float32),
+                                  params)
+    for i, name in enumerate(layers):
+        lp = dict(models_base.get_layer_params(tree, name))
+        k = np.asarray(models_base.get_layer_params(params, name)["kernel"])
+        lp["kernel"] = np.asarray(fn(name, i, k), np.float32)
+        tree = models_base.set_layer_params(tree, name, lp)
+    return np.asarray(gather(tree, idx))
+
+
 def to_element_mask(mask: Mask, params) -> Mask:
     """Expands leaf-level (Python bool) entries into bool arrays."""
     return _tree_map(

@@ -618,18 +618,10 @@ def _fix_layers(key, model, variables, layers, lay, idx, negs, poss, y_pos,
       ``(res, f_orig, mask, lay, idx)`` with ``lay``/``idx`` in gene order
       (that of :func:`masks.indices_of`).
     """
-    from dlfix_jax.fixers import genmunn  # genmunn imports this module
-
     params = variables["params"]
-    mask = masks.empty_mask(params)
-    for i, name in enumerate(layers):
-        sel = lay == i
-        if np.any(sel):
-            mask = masks.mask_or(mask, masks.weight_mask(params, name,
-                                                         idx[sel]))
+    mask = masks.kernel_entries_mask(params, layers, lay, idx)
     g_idx = masks.indices_of(mask)
-    per_gene = functools.partial(genmunn._per_gene, params, layers,
-                                 idx=g_idx)
+    per_gene = functools.partial(masks.per_gene, params, layers, idx=g_idx)
     lay = per_gene(lambda n, i, k: np.full(k.shape, i)).astype(np.int32)
     rows = per_gene(lambda n, i, k: np.indices(k.shape)[0]).astype(np.int32)
     cols = per_gene(lambda n, i, k: np.indices(k.shape)[1]).astype(np.int32)

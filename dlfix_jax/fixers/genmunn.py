@@ -299,19 +299,6 @@ def localise(model, variables, layers, cut, h_neg, y_neg, fraction: float
     return {"importance": imp, "flat": flat, "k": ks, "mask": mask}
 
 
-def _per_gene(params, layers, fn, idx: masks.Indices) -> np.ndarray:
-    """A (k,) host vector in ``idx`` order whose entries for layer ``l``'s
-    kernel are ``fn(l, i, kernel)`` (an array shaped like the kernel)."""
-    tree = jax.tree_util.tree_map(lambda p: np.zeros(np.shape(p), np.float32),
-                                  params)
-    for i, name in enumerate(layers):
-        lp = dict(models_base.get_layer_params(tree, name))
-        k = np.asarray(models_base.get_layer_params(params, name)["kernel"])
-        lp["kernel"] = np.asarray(fn(name, i, k), np.float32)
-        tree = models_base.set_layer_params(tree, name, lp)
-    return np.asarray(masks.gather(tree, idx))
-
-
 # ---------------------------------------------------------------------------
 # Fitness and search (pure JAX)
 # ---------------------------------------------------------------------------
@@ -453,12 +440,12 @@ def fix(key: jax.Array, problem: base.Problem,
     mask = loc["mask"]
     idx = masks.indices_of(mask)
     w0 = np.asarray(masks.gather(params, idx), np.float32)
-    sigma = _per_gene(params, layers, lambda n, i, k: np.full(
+    sigma = masks.per_gene(params, layers, lambda n, i, k: np.full(
         k.shape, float(config.sigma_scale) * float(np.std(k))), idx)
-    lay = _per_gene(params, layers, lambda n, i, k: np.full(k.shape, i), idx)
-    rows = _per_gene(params, layers, lambda n, i, k: np.indices(k.shape)[0],
+    lay = masks.per_gene(params, layers, lambda n, i, k: np.full(k.shape, i), idx)
+    rows = masks.per_gene(params, layers, lambda n, i, k: np.indices(k.shape)[0],
                      idx)
-    cols = _per_gene(params, layers, lambda n, i, k: np.indices(k.shape)[1],
+    cols = masks.per_gene(params, layers, lambda n, i, k: np.indices(k.shape)[1],
                      idx)
     tail, tail_vars = _tail(model, variables, cut)
     if tail is None:

@@ -718,17 +718,10 @@ def fix(key: jax.Array, problem: base.Problem,
             f"NeuRecover localised no weight {where} (n_k = {n_k}, "
             f"{int(loc['deg'].sum())} regressions, "
             f"{int(loc['imp'].sum())} improvements)")
-    mask = masks.empty_mask(params)
-    for i, name in enumerate(layers):
-        sel = lay == i
-        if np.any(sel):
-            mask = masks.mask_or(mask, masks.weight_mask(params, name,
-                                                         idx[sel]))
+    mask = masks.kernel_entries_mask(params, layers, lay, idx)
     g_idx = masks.indices_of(mask)
     # per-entry data in gene order (that of masks.indices_of)
-    from dlfix_jax.fixers import genmunn  # genmunn imports arachne
-    per_gene = functools.partial(genmunn._per_gene, params, layers,
-                                 idx=g_idx)
+    per_gene = functools.partial(masks.per_gene, params, layers, idx=g_idx)
     lay = per_gene(lambda n, i, k: np.full(k.shape, i)).astype(np.int32)
     rows = per_gene(lambda n, i, k: np.indices(k.shape)[0]).astype(np.int32)
     cols = per_gene(lambda n, i, k: np.indices(k.shape)[1]).astype(np.int32)
