@@ -197,6 +197,25 @@ def test_one_channel_conv_matches_nn_conv(shape, kernel, padding):
     _close(gx(ours), gx(ref))
 
 
+def test_one_channel_conv_fence_vmap_hessian_nan():
+    """The fenced forward (a one-trip while loop) keeps vmap over inputs and
+    over kernels, second derivatives and NaN propagation of a plain conv."""
+    conv = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x = jax.random.uniform(jax.random.key(2), (3, 2, 9, 8, 1))
+    k = jax.random.normal(jax.random.key(3), (3, 3, 2, 1, 4))
+    assert "while" in str(jax.make_jaxpr(L.one_channel_conv)(x[0], k[0]))
+    _close(jax.vmap(L.one_channel_conv)(x, k), jax.vmap(conv)(x, k))
+    _close(jax.vmap(L.one_channel_conv, (None, 0))(x[0], k),
+           jax.vmap(conv, (None, 0))(x[0], k))
+    sq = lambda f: lambda kk: jnp.sum(jnp.sin(f(x[0], kk)))
+    _close(jax.hessian(sq(L.one_channel_conv))(k[0]),
+           jax.hessian(sq(conv))(k[0]))
+    y = L.one_channel_conv(x[0].at[0, 0, 0, 0].set(jnp.nan), k[0])
+    assert bool(jnp.isnan(y[0, 0, 0]).all())
+    assert not bool(jnp.isnan(y[1]).any())
+
+
 def test_one_channel_conv_switch_and_multi_channel_untouched(monkeypatch):
     x, v, ours, _ = _conv_pair((2, 8, 8, 1), (3, 3), "VALID")
     monkeypatch.setattr(L, "ONE_CHANNEL_CONV", False)

@@ -198,9 +198,10 @@ class Conv(nn.Conv):
       VGG16 training step);
     * a stride-1 convolution of a one-channel input (LeNet5's first layer
       on MNIST) is :func:`one_channel_conv`: a sum of kh*kw broadcast
-      products forward and an im2col matmul for the input gradient,
-      instead of XLA:CPU's convolution kernels, which are slow for one
-      input channel (LeNet5 training step ~0.8x, PGD ~0.67x the time).
+      products forward (fenced off from XLA:CPU's YNNPACK fusion) and
+      im2col matmuls for both gradients, instead of XLA:CPU's convolution
+      kernels, which are slow for one input channel (quiet machine: LeNet5
+      training 1.58x the examples/s of plain layers, PGD forward 3x).
 
     Results equal ``nn.Conv``'s within float32 round-off (summation order).
     """
@@ -270,20 +271,33 @@ def _shifted(x, i, j, ho, wo):
     return x[:, i:i + ho, j:j + wo]
 
 
-@jax.custom_jvp
-def one_channel_conv(x, kernel):
-    """VALID, stride-1 convolution of a one-channel NHWC ``x`` (B, H, W, 1)
-    with an HWIO ``kernel`` (kh, kw, 1, F): ``sum_ij x[:, i:, j:] * k[i, j]``.
+def fenced(f, x, *rest):
+    """``f(x, *rest)`` computed as one XLA:CPU loop fusion of its own.
 
-    The value is kh*kw broadcast multiply-adds (one elementwise pass, ~10x
-    faster than XLA:CPU's convolution for one input channel). The JVP
-    (``custom_jvp``, so forward mode, reverse mode and vmap all work) is
-    ``cols(t_x) @ k + conv(x, t_k)``; reverse mode runs its transposes: the
-    input gradient is one (N, F) x (F, kh*kw) matmul over the N = B*Ho*Wo
-    output positions plus kh*kw shifted adds (col2im), the kernel gradient
-    XLA's own filter-gradient convolution. Equal to
-    ``lax.conv_general_dilated`` within float32 round-off.
+    jax 0.10's XLA:CPU hands elementwise chains that feed a reduction (a max
+    pool, a loss) to its YNNPACK fusion pass, which splits a long
+    multiply-add chain into materialised pieces: :func:`one_channel_conv`'s
+    25 products then run ~10x slower than the same chain alone (2.9 vs
+    0.23 ms for LeNet5's conv1 at batch 128, followed by a max pool or a
+    sum). The chain is therefore evaluated inside a one-trip
+    ``lax.while_loop`` whose start predicate XLA cannot fold (``x0 != x0
+    and x0 == x0``: False for every value, NaN included), so no fusion pass
+    reaches across it. Values and vmap are those of ``f``; callers
+    differentiate through a ``custom_jvp``, never through the loop. Used
+    only on :func:`on_cpu` paths, where it was measured.
     """
+    x0 = jax.lax.stop_gradient(x.reshape(-1)[0])
+    start = (x0 != x0) & (x0 == x0)  # deliberately opaque to XLA
+    out = jax.eval_shape(f, x, *rest)
+    return jax.lax.while_loop(
+        lambda c: jnp.logical_not(c[0]),
+        lambda c: (jnp.ones_like(c[0]), f(x, *rest)),
+        (start, jnp.zeros(out.shape, out.dtype)))[1]
+
+
+def _shifted_products(x, kernel):
+    """``sum_ij x[:, i:, j:] * kernel[i, j, 0]``: the VALID one-channel
+    convolution as kh*kw broadcast multiply-adds."""
     kh, kw = kernel.shape[:2]
     ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     y = None
@@ -292,6 +306,24 @@ def one_channel_conv(x, kernel):
             t = _shifted(x, i, j, ho, wo) * kernel[i, j, 0]
             y = t if y is None else y + t
     return y
+
+
+@jax.custom_jvp
+def one_channel_conv(x, kernel):
+    """VALID, stride-1 convolution of a one-channel NHWC ``x`` (B, H, W, 1)
+    with an HWIO ``kernel`` (kh, kw, 1, F): ``sum_ij x[:, i:, j:] * k[i, j]``.
+
+    The value is kh*kw broadcast multiply-adds (one elementwise pass, ~10x
+    faster than XLA:CPU's convolution for one input channel), kept in one
+    fusion by :func:`fenced`. The JVP (``custom_jvp``, so forward mode,
+    reverse mode and vmap all work) is ``cols(t_x) @ k + cols(x) @ t_k``;
+    reverse mode runs its transposes: the input gradient is one
+    (N, F) x (F, kh*kw) matmul over the N = B*Ho*Wo output positions plus
+    kh*kw shifted adds (col2im), the kernel gradient one
+    (kh*kw, N) x (N, F) matmul. Equal to ``lax.conv_general_dilated``
+    within float32 round-off.
+    """
+    return fenced(_shifted_products, x, kernel)
 
 
 def _cols(x, kh, kw):
@@ -306,16 +338,13 @@ def _one_channel_conv_jvp(primals, tangents):
     (x, kernel), (tx, tk) = primals, tangents
     kh, kw, _, f = kernel.shape
     y = one_channel_conv(x, kernel)
-    # Input tangent as im2col @ kernel: its transpose (the input gradient
-    # of PGD) is one matmul plus kh*kw shifted adds, ~4x faster than
-    # XLA:CPU's transposed convolution. Kernel tangent as XLA's own
-    # convolution: its transpose (the kernel gradient of training) is
-    # XLA's filter-gradient convolution, which measured faster than the
-    # transposed im2col matmul.
+    # Both tangents as im2col matmuls. Transposed, the input gradient (what
+    # PGD needs) is one matmul plus kh*kw shifted adds, ~6x faster than
+    # XLA:CPU's transposed convolution (0.83 vs 4.8 ms, LeNet5 conv1, batch
+    # 128), and the kernel gradient one (kh*kw, N) x (N, F) matmul, 1.7x
+    # faster than XLA's filter-gradient convolution (1.7 vs 2.9 ms).
     dy = (_cols(tx, kh, kw) @ kernel.reshape(kh * kw, f)
-          + jax.lax.conv_general_dilated(
-              x, tk, (1, 1), "VALID",
-              dimension_numbers=("NHWC", "HWIO", "NHWC")))
+          + _cols(x, kh, kw) @ tk.reshape(kh * kw, f))
     return y, dy
 
 
