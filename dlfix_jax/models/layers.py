@@ -289,10 +289,15 @@ def fenced(f, x, *rest):
     x0 = jax.lax.stop_gradient(x.reshape(-1)[0])
     start = (x0 != x0) & (x0 == x0)  # deliberately opaque to XLA
     out = jax.eval_shape(f, x, *rest)
+    # The initial value is never read (the loop always runs once), but it
+    # must carry every input's type under shard_map (varying over a mesh
+    # axis when any input is), so it is built from all inputs.
+    zero = sum(0 * jax.lax.stop_gradient(a.reshape(-1)[0]).astype(out.dtype)
+               for a in (x, *rest))
     return jax.lax.while_loop(
         lambda c: jnp.logical_not(c[0]),
         lambda c: (jnp.ones_like(c[0]), f(x, *rest)),
-        (start, jnp.zeros(out.shape, out.dtype)))[1]
+        (start, jnp.broadcast_to(zero, out.shape)))[1]
 
 
 def _shifted_products(x, kernel):
