@@ -156,6 +156,16 @@ def per_gene(params, layers: Sequence[str], fn, idx: "Indices") -> np.ndarray:
     return np.asarray(gather(tree, idx))
 
 
+def gene_coords(params, layers: Sequence[str], idx: "Indices"):
+    """``(lay, rows, cols)``: int32 (k,) host vectors in ``idx`` order, the
+    position in ``layers`` and the (row, col) kernel entry of every gene."""
+    def coord(fn):
+        return per_gene(params, layers, fn, idx).astype(np.int32)
+    return (coord(lambda n, i, k: np.full(k.shape, i)),
+            coord(lambda n, i, k: np.indices(k.shape)[0]),
+            coord(lambda n, i, k: np.indices(k.shape)[1]))
+
+
 def to_element_mask(mask: Mask, params) -> Mask:
     """Expands leaf-level (Python bool) entries into bool arrays."""
     return _tree_map(

@@ -155,3 +155,22 @@ def test_optax_masked_alone_leaks():
     rtx = masks.restrict(optax.sgd(0.1), {"a": True, "b": False})
     u, _ = rtx.update(g, rtx.init(p), p)
     assert float(u["b"][0]) == 0.0
+
+
+def test_kernel_entries_mask_and_gene_coords():
+    """Entries of two Dense kernels: the mask holds exactly them, and the
+    gene coordinates name, in gather order, the kernel entry of each gene."""
+    params = _params()
+    layers = ["dense1", "dense2"]
+    lay = np.array([0, 1, 0, 1])
+    idx = np.array([[7, 3], [0, 2], [2, 1], [4, 0]])
+    mask = masks.kernel_entries_mask(params, layers, lay, idx)
+    genes = masks.indices_of(mask)
+    g_lay, rows, cols = masks.gene_coords(params, layers, genes)
+    assert g_lay.dtype == rows.dtype == cols.dtype == np.int32
+    assert sorted(zip(g_lay, rows, cols)) == sorted(
+        zip(lay, idx[:, 0], idx[:, 1]))
+    values = np.asarray(masks.gather(params, genes))
+    expect = [np.asarray(params[layers[l]]["kernel"])[r, c]
+              for l, r, c in zip(g_lay, rows, cols)]
+    np.testing.assert_array_equal(values, expect)

@@ -442,11 +442,7 @@ def fix(key: jax.Array, problem: base.Problem,
     w0 = np.asarray(masks.gather(params, idx), np.float32)
     sigma = masks.per_gene(params, layers, lambda n, i, k: np.full(
         k.shape, float(config.sigma_scale) * float(np.std(k))), idx)
-    lay = masks.per_gene(params, layers, lambda n, i, k: np.full(k.shape, i), idx)
-    rows = masks.per_gene(params, layers, lambda n, i, k: np.indices(k.shape)[0],
-                     idx)
-    cols = masks.per_gene(params, layers, lambda n, i, k: np.indices(k.shape)[1],
-                     idx)
+    lay, rows, cols = masks.gene_coords(params, layers, idx)
     tail, tail_vars = _tail(model, variables, cut)
     if tail is None:
         leaves, flats = (), ()
@@ -469,7 +465,7 @@ def fix(key: jax.Array, problem: base.Problem,
     res, new_params, extra = _search(
         key, params, tuple(jnp.asarray(f) for f in idx.flat), tail_vars,
         tuple(jnp.asarray(f) for f in flats),
-        jnp.asarray(rows.astype(np.int32)), jnp.asarray(cols.astype(np.int32)),
+        jnp.asarray(rows), jnp.asarray(cols),
         jnp.asarray(w0), jnp.asarray(sigma), jnp.asarray(h_rep),
         jnp.asarray(z_rep), jnp.asarray(y_rep), jnp.asarray(is_pos),
         jnp.asarray(h_val), jnp.asarray(z_val), jnp.asarray(y_val),
@@ -481,7 +477,7 @@ def fix(key: jax.Array, problem: base.Problem,
 
     new_vars = dict(variables)
     new_vars["params"] = new_params
-    localised = np.stack([lay, rows, cols], axis=1).astype(np.int32)
+    localised = np.stack([lay, rows, cols], axis=1)
     info = {
         "localised": jnp.asarray(localised),
         "num_localised": jnp.int32(idx.size),
