@@ -12,7 +12,9 @@ inputs cached (``_fitness.cache_layer``): case ``logits`` searches the last
 Dense layer (Arachne's default: a candidate is one matmul), case ``hidden``
 the one before it (the rest of the network runs per candidate, as CARE /
 NeuRecover / Arachne's multi-layer search do). The population is scored
-under each :mod:`dlfix_jax.seed_axis` strategy (task ``"population"``);
+under each :mod:`dlfix_jax.seed_axis` strategy (task ``"population_head"``
+for case ``logits``, ``"population"`` for ``hidden``:
+:func:`~dlfix_jax.seed_axis.population_strategy`);
 after one compiling call per strategy, ``--rounds`` rounds interleave the
 strategies (A, B, A, B, ...) and the best round is reported as fitness
 evaluations per second, with the ratio to ``vmap``. Results of the
@@ -47,9 +49,10 @@ def main(argv):
     from dlfix_jax.fixers import _fitness
     from dlfix_jax.models import base as models_base
 
-    auto = seed_axis.resolve_strategy("auto", task="population")
+    autos = {case: seed_axis.population_strategy(case == "logits")
+             for case in FLAGS.cases}
     print(f"backend {jax.default_backend()}, devices "
-          f"{jax.local_device_count()}, population auto -> {auto} (measured: "
+          f"{jax.local_device_count()}, auto per case {autos} (measured: "
           f"{seed_axis.is_measured(task='population')}), load "
           f"{os.getloadavg()}", flush=True)
     m = models.get("lenet5")
@@ -116,11 +119,12 @@ def main(argv):
                   f"{best[s]:6.2f}s {evals / best[s]:9.0f} evals/s  "
                   f"x{row.get('speed_vs_vmap', float('nan')):.2f} vs vmap  "
                   f"identical {same}", flush=True)
-        print(f"{case}: fastest {min(best, key=best.get)}; auto uses {auto}; "
+        print(f"{case}: fastest {min(best, key=best.get)}; "
+              f"auto uses {autos[case]}; "
               f"load {os.getloadavg()}", flush=True)
     if FLAGS.out:
         with open(FLAGS.out, "w") as f:
-            json.dump({"backend": jax.default_backend(), "auto": auto,
+            json.dump({"backend": jax.default_backend(), "auto": autos,
                        "load": os.getloadavg(), "rows": rows}, f, indent=1)
 
 

@@ -37,11 +37,20 @@ Tasks (what ``"auto"`` optimises for) and the CPU measurements behind
   in turn; vmap 0.5x its speed at K = 20, vmap inside a ``lax.scan`` over
   steps slower still).
 * ``"population"`` — scoring a search population inside the search's
-  compiled loop (``benchmarks/population.py``, DE with P = 100 on an
-  Arachne-style cached fitness): ``lax_map``, one candidate after another,
-  6.9-8.1x the evaluations per second of ``vmap`` under load (2.2-3.8x in
-  a shorter, less loaded run; the vmapped population's (P, N, C) logits are
-  memory-bound on CPU).
+  compiled loop when a candidate runs model layers (a hidden Dense layer and
+  the layers after it: CARE or GenMuNN on a hidden layer, NeuRecover's and
+  Arachne's multi-layer searches; ``benchmarks/population.py`` case
+  ``hidden``, DE with P = 100): ``lax_map``, one candidate after another,
+  1.3x the evaluations per second of ``vmap`` on a quiet machine (8.1x
+  under heavy load).
+* ``"population_head"`` — the same when a candidate only adds a low-rank
+  update to cached logits (no layer runs per candidate: Arachne, DistrRep,
+  NeuRecover on the logits layer, CARE on the last Dense layer's input,
+  GenMuNN on a non-sequential model; case ``logits``): ``vmap``, 1.7-1.8x
+  ``lax_map`` on a quiet machine. (Under heavy load lax_map won 6.9x: the
+  vmapped (P, N, C) logits are memory-bound and suffer most from other
+  jobs; the quiet measurement decides.) :func:`population_strategy` picks
+  between the two.
 * ``"fix"`` — the S seeds of one fixer (:func:`fixer_seed_mode`): a fixer
   does host work between its jitted kernels, so its seeds run either one
   after another or in one ``jax.vmap(fix)`` (registry flag ``vmappable``);
@@ -73,7 +82,7 @@ import numpy as np
 from dlfix_jax import predict as predict_lib
 
 STRATEGIES = ("sequential", "vmap", "lax_map", "sharded", "auto")
-TASKS = ("predict", "pgd", "train", "population", "fix")
+TASKS = ("predict", "pgd", "train", "population", "population_head", "fix")
 AXIS = "stack"
 """Name of the mesh axis the ``"sharded"`` strategy splits stacks over."""
 
@@ -83,6 +92,7 @@ _ACCEL = ("gpu", "cuda", "rocm", "tpu")
 AUTO_STRATEGY = {
     ("cpu", "predict"): "vmap", ("cpu", "pgd"): "sequential",
     ("cpu", "train"): "sequential", ("cpu", "population"): "lax_map",
+    ("cpu", "population_head"): "vmap",
     ("cpu", "fix"): "vmap",
     **{(b, t): "vmap" for b in _ACCEL for t in TASKS},
 }
@@ -153,6 +163,17 @@ def resolve_strategy(strategy: str = "auto", backend: str | None = None,
     backend = backend or jax.default_backend()
     default = "sequential" if backend == "cpu" else "vmap"
     return AUTO_STRATEGY.get((backend, task), default)
+
+
+def population_strategy(head: bool, strategy: str = "auto",
+                        backend: str | None = None) -> str:
+    """The strategy a search population is scored with: task
+    ``"population_head"`` when ``head`` (a candidate is a low-rank update of
+    cached logits, no layer runs per candidate), ``"population"`` otherwise
+    (a candidate runs model layers). ``strategy`` other than ``"auto"`` is
+    returned as is (checked)."""
+    return resolve_strategy(strategy, backend,
+                            "population_head" if head else "population")
 
 
 def is_measured(backend: str | None = None, task: str = "predict") -> bool:

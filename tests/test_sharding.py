@@ -111,6 +111,9 @@ def test_auto_table_names_its_tasks_and_unmeasured_backends():
     from dlfix_jax import seed_axis as sa
     assert sa.resolve_strategy("auto", "cpu", "train") == "sequential"
     assert sa.resolve_strategy("auto", "cpu", "population") == "lax_map"
+    assert sa.population_strategy(False, backend="cpu") == "lax_map"
+    assert sa.population_strategy(True, backend="cpu") == "vmap"
+    assert sa.population_strategy(True, "sharded") == "sharded"
     assert all(sa.is_measured("cpu", t) for t in sa.TASKS if t != "fix")
     for b in ("gpu", "tpu"):
         assert not any(sa.is_measured(b, t) for t in sa.TASKS)

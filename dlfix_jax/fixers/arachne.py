@@ -51,8 +51,10 @@ Only the target layer changes, so its input activations (``capture``) and
 the original logits are computed ONCE; a candidate's logits are
 ``base + h[:, rows] @ ((v - w0)[:, None] * onehot(cols))``, and the whole population
 is scored in one call per generation of the strategy layer
-(``seed_axis.map_traced``, task "population": ``lax.map`` on CPU, ``vmap``
-elsewhere), inside ``lax.while_loop``.
+(``seed_axis.map_traced``, task "population_head": ``vmap``, measured on
+CPU; the multi-layer search runs the tail per candidate, task "population":
+``lax.map`` on CPU; ``vmap`` on accelerators, not measured), inside
+``lax.while_loop``.
 
 Localisation depends only on the problem (not on the key), so ``fix`` runs it
 on the host (numpy) *before* any use of the key: its output size ``k`` is a
@@ -146,6 +148,7 @@ import numpy as np
 
 from dlfix_jax import masks
 from dlfix_jax import search
+from dlfix_jax import seed_axis
 from dlfix_jax.fixers import _fitness
 from dlfix_jax.fixers import _localize
 from dlfix_jax.fixers import base
@@ -458,7 +461,8 @@ def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
     init = mean + std * jax.random.normal(k_init, (population, rows.shape[0]))
     res = search.de(k_de, fitness, init, lo, hi,
                     max_generations=max_generations, cr=cr, f_range=f_range,
-                    patience=patience)
+                    patience=patience,
+                    population_strategy=seed_axis.population_strategy(True))
     return res, fitness(w0)
 
 
@@ -490,7 +494,8 @@ def _search_tail(key, tail_vars, flats, h_pos, y_pos, h_neg, y_neg, w0,
     init = mean + std * jax.random.normal(k_init, (population, w0.shape[0]))
     res = search.de(k_de, fitness, init, lo, hi,
                     max_generations=max_generations, cr=cr, f_range=f_range,
-                    patience=patience)
+                    patience=patience,
+                    population_strategy=seed_axis.population_strategy(False))
     return res, fitness(w0)
 
 

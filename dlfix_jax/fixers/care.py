@@ -31,7 +31,9 @@ layer that reads the neurons, so the repair can be folded into it).
      cost(r) = (1 - alpha) (1 - acc(I_neg)) + alpha (1 - acc(I_pos))
 
    with ``alpha = 0.1``. The whole swarm is scored in one call of the strategy
-   layer (``seed_axis.map_traced``: ``lax.map`` on CPU, ``vmap`` elsewhere)
+   layer (``seed_axis.population_strategy``: ``vmap`` on CPU when ``D`` is
+   the logits layer, ``lax.map`` when layers run after it; ``vmap`` on
+   accelerators, not measured)
    on the cached input of ``D`` (only ``D`` and the layers after it are
    recomputed, via :func:`dlfix_jax.fixers._fitness.candidate_logits`).
 3. **Fold**: ``h_i <- r_i h_i`` feeding ``D`` is exactly ``D.kernel[i, :] <-
@@ -101,6 +103,7 @@ import numpy as np
 
 from dlfix_jax import masks
 from dlfix_jax import search
+from dlfix_jax import seed_axis
 from dlfix_jax.fixers import _fitness
 from dlfix_jax.fixers import _localize
 from dlfix_jax.fixers import arachne
@@ -334,7 +337,8 @@ def _search(key, h_neg, out_neg, z_neg, y_neg, h_pos, out_pos, z_pos, y_pos,
     res = search.pso_global_best(
         key, cost, x0, max_iterations=max_iterations, w=w, c1=c1, c2=c2,
         lower=lower, upper=upper, bh_strategy=bh_strategy, ftol=ftol,
-        ftol_iter=ftol_iter, maximize=False)
+        ftol_iter=ftol_iter, maximize=False,
+        population_strategy=seed_axis.population_strategy(tail is None))
     return res, cost(jnp.ones((neurons.shape[0],), jnp.float32))
 
 

@@ -131,6 +131,7 @@ import numpy as np
 
 from dlfix_jax import masks
 from dlfix_jax import search
+from dlfix_jax import seed_axis
 from dlfix_jax.fixers import _fitness
 from dlfix_jax.fixers import arachne
 from dlfix_jax.fixers import base
@@ -340,8 +341,13 @@ def _search(key, h_neg, z_neg, y_neg, members, h_pos, z_pos, y_pos, rows_p,
         x0 = mean + std * jax.random.normal(k_init, (particles, kmax))
         return search.pso_constriction(
             k_pso, fitness, x0, max_iterations=max_iterations, phi=phi,
-            v_min=wb / 5.0, v_max=5.0 * wb, patience=patience)
+            v_min=wb / 5.0, v_max=5.0 * wb, patience=patience,
+            population_strategy=per_repair)
 
+    # The R repairs are one vmap already; each repair's swarm is scored one
+    # particle after another inside it (task "population": lax.map on CPU),
+    # measured faster than vmapping the swarm too (BENCHMARKS.md).
+    per_repair = seed_axis.population_strategy(False)
     reps = jax.vmap(one)(jax.random.split(k_rep, R), members, rows_p, cols_p,
                          valid, w0_p)
     best = jnp.where(valid, reps.best_x, w0_p)
@@ -366,7 +372,8 @@ def _search(key, h_neg, z_neg, y_neg, members, h_pos, z_pos, y_pos, rows_p,
         k_minit, (merge_particles, num_coef))
     res = search.pso_constriction(
         k_merge, merge_fitness, c0, max_iterations=merge_iterations, phi=phi,
-        v_min=merge_v_min, v_max=merge_v_max, patience=merge_patience)
+        v_min=merge_v_min, v_max=merge_v_max, patience=merge_patience,
+        population_strategy=seed_axis.population_strategy(True))
     merged = merge_weights(res.best_x, W, w0_u, shared, owner, coef)
     s0 = merge_score(jnp.argmax(z_all, axis=-1), y_all, types, wp, wm,
                      class_counts)

@@ -30,8 +30,10 @@ Algorithm (ours)
    crossover of their delta vectors, then every gene (``mut_prob = 1``)
    gets ``+ sigma_l xi`` (the spec's mutation ``w <- w + sigma_l xi`` over the
    selected weights). The 40 children are scored in one call per generation
-   of the strategy layer (``seed_axis.map_traced``: ``lax.map`` on CPU,
-   ``vmap`` elsewhere) inside ``lax.while_loop``; at most 100 generations, stop when
+   of the strategy layer (``seed_axis.population_strategy``: on CPU
+   ``lax.map`` when the Dense tail runs per candidate, ``vmap`` for the
+   logits-layer-only case; ``vmap`` on accelerators, not measured) inside
+   ``lax.while_loop``; at most 100 generations, stop when
    the best is unchanged for more than 10 (patience).
 4. **Fitness** (maximise) on the repair split (``I_pos + I_neg``)::
 
@@ -111,6 +113,7 @@ import numpy as np
 
 from dlfix_jax import masks
 from dlfix_jax import search
+from dlfix_jax import seed_axis
 from dlfix_jax.fixers import _fitness
 from dlfix_jax.fixers import _localize
 from dlfix_jax.fixers import arachne
@@ -362,7 +365,8 @@ def _search(key, params, full_flats, tail_vars, flats, rows, cols, w0, sigma,
         max_generations=max_generations, crossover="uniform",
         cx_prob=cx_prob, mut_prob=mut_prob, sigma=sigma, n_elite=n_parents,
         selection="truncation", n_parents=n_parents, patience=patience,
-        return_state=True)
+        return_state=True,
+        population_strategy=seed_axis.population_strategy(tail is None))
     # Validation gate over the last population (elites first; it holds the
     # best mutant): the fittest that beats the original and keeps the
     # validation accuracy. The original, the best mutant and the last

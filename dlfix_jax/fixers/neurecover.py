@@ -60,8 +60,9 @@ final model, normally ``history[-1]``).
    with ``L`` the mean cross-entropy over the set, ``alpha = 1``, and ``P``
    200 passing inputs drawn **with replacement** (key-dependent). The whole
    swarm is scored in one call per iteration of the strategy layer
-   (``seed_axis.map_traced``, task "population": ``lax.map`` on CPU,
-   ``vmap`` elsewhere), inside ``lax.while_loop``:
+   (``seed_axis.population_strategy``: on CPU ``vmap`` for the logits-layer
+   case below, ``lax.map`` when layers run per candidate; ``vmap`` on
+   accelerators, not measured), inside ``lax.while_loop``:
 
    * all of ``L`` in the logits layer: cached-activation fitness
      (:mod:`dlfix_jax.fixers._fitness`), a candidate only adds
@@ -170,6 +171,7 @@ import numpy as np
 from dlfix_jax import masks
 from dlfix_jax import predict as predict_lib
 from dlfix_jax import search
+from dlfix_jax import seed_axis
 from dlfix_jax.fixers import _fitness
 from dlfix_jax.fixers import _localize
 from dlfix_jax.fixers import arachne
@@ -489,7 +491,8 @@ def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
     init = mean + std * jax.random.normal(k_init, (particles, rows.shape[0]))
     res = search.pso_constriction(
         k_pso, fitness, init, max_iterations=max_iterations, phi=phi,
-        v_min=v_min, v_max=v_max, patience=patience)
+        v_min=v_min, v_max=v_max, patience=patience,
+        population_strategy=seed_axis.population_strategy(True))
     return res, fitness(w0)
 
 
@@ -610,7 +613,8 @@ def _search_tail(key, h_pos, o_pos, y_pos, h_neg, o_neg, y_neg, w0, mean,
     init = mean + std * jax.random.normal(k_init, (particles, w0.shape[0]))
     res = search.pso_constriction(
         k_pso, fitness, init, max_iterations=max_iterations, phi=phi,
-        v_min=v_min, v_max=v_max, patience=patience)
+        v_min=v_min, v_max=v_max, patience=patience,
+        population_strategy=seed_axis.population_strategy(False))
     return res, fitness(w0)
 
 
@@ -641,7 +645,8 @@ def _search_full(key, variables, flats, x_pos, y_pos, x_neg, y_neg, w0,
     init = mean + std * jax.random.normal(k_init, (particles, w0.shape[0]))
     res = search.pso_constriction(
         k_pso, fitness, init, max_iterations=max_iterations, phi=phi,
-        v_min=v_min, v_max=v_max, patience=patience)
+        v_min=v_min, v_max=v_max, patience=patience,
+        population_strategy=seed_axis.population_strategy(False))
     return res, fitness(w0)
 
 

@@ -154,7 +154,11 @@ def run(strategy: Strategy, key: jax.Array,
         (:func:`dlfix_jax.seed_axis.map_traced`): ``"vmap"`` one batched
         call, ``"lax_map"`` (= ``"sequential"`` inside the compiled loop)
         one candidate after another, ``"sharded"`` the candidates split over
-        the local devices; ``"auto"`` the measured choice per backend.
+        the local devices; ``"auto"`` the measured choice per backend
+        for a candidate that runs model layers (task ``"population"``); a
+        caller whose candidates only update cached logits passes
+        ``seed_axis.population_strategy(True)`` (task
+        ``"population_head"``).
 
     Returns:
       :class:`SearchResult` in the caller's sign convention, or

@@ -18,7 +18,7 @@ Deviation: the original updates the population in place while it sweeps it
 (a later target may pick an already-replaced ``a, b, c``); here all trial
 vectors of a generation are built from the same population and scored in one
 call of the strategy layer (synchronous DE; ``seed_axis.map_traced``,
-``lax.map`` on CPU, ``vmap`` elsewhere), which is what makes the population
+``population_strategy``), which is what makes the population
 evaluation a single compiled computation.
 """
 

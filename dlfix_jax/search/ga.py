@@ -12,8 +12,7 @@ parent), then Gaussian mutation (each gene with
 probability ``mut_prob`` gets ``N(0, sigma^2)`` noise) and a clip to the
 bounds. Optional early stop when the best is unchanged (float32) for more
 than ``patience`` generations. All children of a generation are scored in one
-call of the strategy layer (``seed_axis.map_traced``: ``lax.map`` on CPU,
-``vmap`` elsewhere).
+call of the strategy layer (``seed_axis.map_traced``, ``population_strategy``).
 """
 
 from __future__ import annotations
