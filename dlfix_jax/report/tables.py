@@ -5,11 +5,12 @@ record per dataset/model/approach/seed) **read-only**, so it can run while a
 study is still appending:
 
 * the newest record per ``key`` wins (``--force`` appends a newer one);
-* a trailing line without its newline is a torn write in progress and is
-  ignored (the store never counts it as done either); a complete line that
-  is not JSON is skipped with a warning, as the store does;
-* a record without ``dataset``/``approach``/``seed`` or with an unknown
-  ``status`` is an error naming its line.
+* the store's own reader (:func:`dlfix_jax.study.store.merged_records`)
+  ignores a trailing line without its newline (a torn write in progress)
+  and skips a line that is not a JSON record with a key and a known
+  ``status``, with a warning naming the line;
+* a record without ``dataset``/``approach``/``seed`` is skipped with a
+  warning naming its key.
 
 Tables (reference ``approaches.md`` §5): rows = approaches (the study's
 abbreviation from the record's ``abbrev``, else the approach name; study
@@ -29,7 +30,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import json
 import logging
 import math
 import os
@@ -39,9 +39,10 @@ import numpy as np
 
 from dlfix_jax import fileio
 from dlfix_jax.report import scott_knott
+from dlfix_jax.study import store as store_lib  # no JAX import
 
-RESULTS_FILE = "results.jsonl"
-STATUSES = ("ok", "unadaptable", "failure", "corrupted")
+RESULTS_FILE = store_lib.FILENAME
+STATUSES = store_lib.STATUSES
 STATUS_LABELS = {"unadaptable": "UNADAPTABLE", "failure": "FAILURE",
                  "corrupted": "CORRUPTED"}
 NA = "—"
@@ -115,103 +116,57 @@ def format_duration(seconds: float) -> str:
 # Loading.
 
 def load_records(workdir: str) -> list[dict]:
-    """The newest record per key from ``workdir/results.jsonl`` and the
-    shards ``results.p<k>.jsonl`` of a multi-process study that has not
-    merged them yet (a running or killed one; see
-    :mod:`dlfix_jax.study.store`): a shard's record supersedes the main
-    file's record of its key.
+    """The newest record per key of the study in ``workdir``: its
+    ``results.jsonl`` merged with the shards ``results.p<k>.jsonl`` of a
+    multi-process study that has not merged them yet (a running or killed
+    one), by :func:`dlfix_jax.study.store.merged_records` (the store's one
+    reader: torn and invalid lines skipped with a warning naming the line;
+    a shard's record supersedes the main file's). Each record must also
+    name its dataset, approach and seed (else it is skipped with a
+    warning).
 
     Raises:
-      ReportError: no store at all, no record, or a key recorded by two
-        shards (two processes computed one cell: rerun ``dlfix study``,
+      ReportError: no store at all, no usable record, or a key recorded by
+        two shards (two processes computed one cell: rerun ``dlfix study``,
         whose merge keeps the newest and logs the duplicate).
     """
-    from dlfix_jax.study import store as store_lib  # no JAX import
     path = os.path.join(workdir, RESULTS_FILE)
-    shards = store_lib.shard_paths(workdir)
-    if not os.path.isfile(path) and not shards:
+    if not os.path.isfile(path) and not store_lib.shard_paths(workdir):
         raise ReportError(f"no results store at {path}; run "
                           f"`python -m experiments.run_study --workdir="
                           f"{workdir}` first")
-    by_key: dict[str, dict] = {}
-    if os.path.isfile(path):
-        by_key.update(_load_file(path))
-    owner: dict[str, str] = {}
-    for _, spath in shards:
-        for key, rec in _load_file(spath).items():
-            if key in owner:
-                raise ReportError(
-                    f"key {key!r} is recorded by two shards "
-                    f"({owner[key]} and {os.path.basename(spath)}); run "
-                    f"`dlfix study` on {workdir} again to merge the shards "
-                    f"(it keeps the newest record and logs the duplicate)")
-            owner[key] = os.path.basename(spath)
-            by_key.pop(key, None)
-            by_key[key] = rec
-    if shards:
-        logging.info("%s: read %d unmerged shard(s) of a multi-process "
-                     "study (%d records)", workdir, len(shards), len(owner))
-    if not by_key:
+    merged = store_lib.merged_records(workdir)
+    for key, files in sorted(merged["duplicates"].items()):
+        raise ReportError(
+            f"key {key!r} is recorded by two shards ({' and '.join(files)}); "
+            f"run `dlfix study` on {workdir} again to merge the shards (it "
+            f"keeps the newest record and logs the duplicate)")
+    if merged["shard_records"]:
+        logging.info("%s: read unmerged shards of a multi-process study (%d "
+                     "records)", workdir, merged["shard_records"])
+    out = []
+    for key, rec in merged["records"].items():
+        why = _invalid_reason(rec)
+        if why:
+            logging.warning("%s: skipping the record of %r: %s", workdir,
+                            key, why)
+            continue
+        out.append(rec)
+    if not out:
         raise ReportError(f"the results store {path} holds no records")
-    return list(by_key.values())
+    return out
 
 
-def _load_file(path: str) -> dict[str, dict]:
-    """The newest valid record per key of one JSONL file (see the module
-    docstring for torn and invalid lines)."""
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    if lines and lines[-1].strip():
-        try:  # a complete record that only lost its newline still counts
-            json.loads(lines[-1])
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            logging.warning("%s: ignoring a torn trailing line (%d bytes, "
-                            "no newline): a write in progress or a crash",
-                            path, len(lines[-1]))
-            lines = lines[:-1]
-    else:
-        lines = lines[:-1]
-    by_key: dict[str, dict] = {}
-    skipped = 0
-    for lineno, raw in enumerate(lines, start=1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            logging.warning("%s:%d: skipping a line that is not JSON (%s)",
-                            path, lineno, e)
-            continue
-        try:
-            _validate(rec, path, lineno)
-        except ReportError as e:
-            logging.warning("skipping an invalid record: %s", e)
-            skipped += 1
-            continue
-        key = rec.get("key") or "/".join(
-            str(rec.get(k)) for k in ("dataset", "model", "approach", "seed"))
-        by_key.pop(key, None)  # newest last, in file order
-        by_key[key] = rec
-    if skipped:
-        logging.warning("%s: %d invalid record(s) skipped", path, skipped)
-    return by_key
-
-
-def _validate(rec: Any, path: str, lineno: int) -> None:
-    where = f"{path}:{lineno}"
-    if not isinstance(rec, dict):
-        raise ReportError(f"{where}: a record must be a JSON object")
-    missing = [k for k in ("dataset", "approach", "seed", "status")
+def _invalid_reason(rec: Mapping) -> str | None:
+    """What a record the store accepts still lacks for a report."""
+    missing = [k for k in ("dataset", "approach", "seed")
                if rec.get(k) is None]
     if missing:
-        raise ReportError(f"{where}: record lacks {missing}")
-    if rec["status"] not in STATUSES:
-        raise ReportError(f"{where}: unknown status {rec['status']!r}; "
-                          f"expected one of {STATUSES}")
+        return f"record lacks {missing}"
     for field in ("metrics", "ensembles"):
         if rec.get(field) is not None and not isinstance(rec[field], dict):
-            raise ReportError(f"{where}: {field!r} must be an object")
+            return f"{field!r} must be an object"
+    return None
 
 
 # --------------------------------------------------------------------------
