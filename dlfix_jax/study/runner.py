@@ -161,16 +161,6 @@ def git_rev() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
-def _fmt_s(s: float | None) -> str:
-    if s is None or not np.isfinite(s):
-        return "?"
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m{sec:02d}s" if h else (f"{m}m{sec:02d}s" if m
-                                                else f"{sec}s")
-
-
 def approach_names(config) -> list[str]:
     """The approaches of ``config.approaches`` ("all" or a comma list)."""
     spec = config.approaches
@@ -547,20 +537,13 @@ def evaluate_ensembles(key, model, variables, fixed_list, dataset,
 # The study.
 
 
-class _Progress:
+def _cell_progress(todo: int, prefix: str = "") -> progress_lib.Progress:
     """Elapsed time and ETA over the cells that need computing (this
-    process's, with several; ``prefix`` names the process)."""
-
-    def __init__(self, todo: int, prefix: str = ""):
-        self.todo, self.done, self.t0 = todo, 0, time.time()
-        self.prefix = prefix
-
-    def step(self, n: int = 1) -> str:
-        self.done += n
-        el = time.time() - self.t0
-        eta = el / self.done * (self.todo - self.done) if self.done else None
-        return (f"{self.prefix}[{self.done}/{self.todo}] elapsed "
-                f"{_fmt_s(el)}, ETA {_fmt_s(eta)}")
+    process's, with several; ``prefix`` names the process). Its ``step``
+    lines go into the runner's own per-cell log lines, so it never logs by
+    itself."""
+    return progress_lib.Progress(todo, desc=(prefix.strip() or "cells"),
+                                 every_s=float("inf"))
 
 
 def _pair_items(config) -> list[tuple[str, Any]]:
@@ -736,7 +719,7 @@ def _run_one_process(config, workdir, force, approaches, cfgs, S, strategy):
         units = [g for g in grid if g[5]]
         # An approach with any missing seed runs all S seeds (the seed axis
         # is batched); progress counts those runs.
-        progress = _Progress(S * len(units))
+        progress = _cell_progress(S * len(units))
         superseded = _run_units(units, config, workdir, store, S, strategy,
                                 progress, {})
         if force or superseded:
@@ -798,7 +781,7 @@ def _run_multi_process(coord, config, workdir, force, approaches, cfgs, S,
         shard = store_lib.Store(workdir, shard=me)
         with shard.lock():
             _run_units(mine, config, workdir, shard, S, strategy,
-                       _Progress(S * len(mine), prefix), loaded)
+                       _cell_progress(S * len(mine), prefix), loaded)
         coord.barrier("fixed")
         # 5. Process 0 merges every shard into results.jsonl.
         if me == 0:
@@ -927,7 +910,7 @@ def _run_approach(spec, model, variables, dataset, problem, pcfg, config,
     def on_seed(s, out):
         logging.info("%s/%s/%s seed %d: %s in %s%s %s", ds_name, m_name,
                      spec.name, s, "fixed" if out["status"] == "ok"
-                     else "FAILED", _fmt_s(out["time_s"]),
+                     else "FAILED", progress_lib.format_duration(out["time_s"]),
                      f" ({out['reason']})" if out["reason"] else "",
                      progress.step())
 
