@@ -291,6 +291,14 @@ def scatter(params, idx: Indices, vec: jax.Array):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
+def scatter_variables(variables, idx: Indices, vec: jax.Array):
+    """A Flax variable dict with :func:`scatter` applied to its ``"params"``
+    (its other collections, e.g. ``batch_stats``, shared as they are)."""
+    out = dict(variables)
+    out["params"] = scatter(variables["params"], idx, vec)
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Masked writes
 # ---------------------------------------------------------------------------

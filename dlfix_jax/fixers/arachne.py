@@ -483,9 +483,8 @@ def _search_tail(key, tail_vars, flats, h_pos, y_pos, h_neg, y_neg, w0,
     idx = masks.Indices(leaves, tuple(flats), int(w0.shape[0]))
 
     def logits(v, h):
-        tv = dict(tail_vars)
-        tv["params"] = masks.scatter(tail_vars["params"], idx, v)
-        return tail.apply(tv, h).astype(jnp.float32)
+        return tail.apply(masks.scatter_variables(tail_vars, idx, v),
+                          h).astype(jnp.float32)
 
     def fitness(v):
         return combine(logits(v, h_pos), y_pos, logits(v, h_neg), y_neg,
@@ -595,9 +594,8 @@ def fix(key: jax.Array, problem: base.Problem,
             key, model, variables, layers, lay, idx, negs, poss, y_pos,
             y_neg, de_kw)
 
-    new_params = masks.scatter(params, masks.indices_of(mask), res.best_x)
-    new_vars = dict(variables)
-    new_vars["params"] = new_params
+    new_vars = masks.scatter_variables(variables, masks.indices_of(mask),
+                                       res.best_x)
     info = {
         "localised": jnp.asarray(idx, jnp.int32),
         "localised_layer": jnp.asarray(lay, jnp.int32),

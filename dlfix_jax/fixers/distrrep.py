@@ -491,8 +491,8 @@ def fix(key: jax.Array, problem: base.Problem,
 
     idx_u = np.stack([u_rows, u_cols], axis=1)
     mask = masks.weight_mask(params, layer, idx_u)
-    new_vars = dict(variables)
-    new_vars["params"] = masks.scatter(params, masks.indices_of(mask), merged)
+    new_vars = masks.scatter_variables(variables, masks.indices_of(mask),
+                                       merged)
     info = {
         "types": jnp.asarray(types, jnp.int32),
         "subset_sizes": jnp.asarray(members.sum(1), jnp.int32),

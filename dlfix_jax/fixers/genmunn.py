@@ -322,9 +322,8 @@ def _logits_fn(tail, tail_vars, leaves, flats, w0, single):
 
     def logits(d, h, z0):
         del z0
-        v = dict(tail_vars)
-        v["params"] = masks.scatter(tail_vars["params"], idx, w0 + d)
-        return tail.apply(v, h).astype(jnp.float32)
+        return tail.apply(masks.scatter_variables(tail_vars, idx, w0 + d),
+                          h).astype(jnp.float32)
     return logits
 
 

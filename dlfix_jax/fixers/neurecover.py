@@ -574,9 +574,7 @@ def multi_layer_logits(setup: MultiLayerSetup, h, out):
         o = out + hs @ ((v[g1] - w0)[:, None] * onehot)
         tv = tail_vars
         if setup.rest_idx.size:
-            tv = dict(tail_vars)
-            tv["params"] = masks.scatter(tail_vars["params"], setup.rest_idx,
-                                         v[g2])
+            tv = masks.scatter_variables(tail_vars, setup.rest_idx, v[g2])
         return setup.tail.apply(tv, o).astype(jnp.float32)
 
     return logits
@@ -633,9 +631,8 @@ def _search_full(key, variables, flats, x_pos, y_pos, x_neg, y_neg, w0,
     idx = masks.Indices(leaves, tuple(flats), int(w0.shape[0]))
 
     def logits(v, x):
-        tv = dict(variables)
-        tv["params"] = masks.scatter(variables["params"], idx, v)
-        return model.apply(tv, x).astype(jnp.float32)
+        return model.apply(masks.scatter_variables(variables, idx, v),
+                           x).astype(jnp.float32)
 
     def fitness(v):
         return combine(logits(v, x_neg), y_neg,
@@ -787,8 +784,7 @@ def fix(key: jax.Array, problem: base.Problem,
             jnp.asarray(v_min), jnp.asarray(v_max), model=model,
             leaves=tuple(g_idx.leaves), **kw)
 
-    new_vars = dict(variables)
-    new_vars["params"] = masks.scatter(params, g_idx, res.best_x)
+    new_vars = masks.scatter_variables(variables, g_idx, res.best_x)
     tpath = ("".join(f"['{p}']" for p in layer.split("/")) + "['kernel']")
     info = {
         "localised": jnp.asarray(idx, jnp.int32),
