@@ -213,7 +213,6 @@ def _stack(outs):
     return jax.tree_util.tree_map(lambda *o: jnp.stack(o), *outs)
 
 
-@functools.lru_cache(maxsize=256)
 def stack_mapper(fn: Callable, strategy: str = "auto", task: str = "predict",
                  mapped: int = 1) -> Callable:
     """A function ``(*stacked, *shared) -> stacked outputs`` running ``fn``
@@ -222,9 +221,10 @@ def stack_mapper(fn: Callable, strategy: str = "auto", task: str = "predict",
     ``fn(m_0, ..., m_{mapped-1}, *shared)`` must be jittable; its first
     ``mapped`` arguments are pytrees with a common leading stacked axis
     (member i gets their i-th slices), the other arguments are shared by all
-    members. The mapper is cached per ``(fn, strategy, task, mapped)``, so
-    pass a stable ``fn`` (a module-level or cached function) to avoid
-    recompiling.
+    members. The mapper is cached per ``(fn, resolved strategy, mapped)``
+    (``"auto"`` is resolved first, so a changed backend or
+    :data:`AUTO_STRATEGY` is never served a stale mapper); pass a stable
+    ``fn`` (a module-level or cached function) to avoid recompiling.
 
     Args:
       fn: per-member function.
@@ -237,7 +237,12 @@ def stack_mapper(fn: Callable, strategy: str = "auto", task: str = "predict",
     """
     if mapped < 1:
         raise ValueError(f"mapped must be >= 1, got {mapped}")
-    strategy = resolve_strategy(strategy, task=task)
+    return _build_mapper(fn, resolve_strategy(strategy, task=task), mapped)
+
+
+@functools.lru_cache(maxsize=256)
+def _build_mapper(fn: Callable, strategy: str, mapped: int) -> Callable:
+    """:func:`stack_mapper` for a concrete strategy (cached)."""
     if strategy == "vmap":
         return jax.jit(_vmap_first(fn, mapped))
     if strategy == "sharded":

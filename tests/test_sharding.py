@@ -142,3 +142,26 @@ def test_stack_mapper_maps_several_arguments_alike():
     np.testing.assert_array_equal(out["sharded"]["y"], out["lax_map"]["y"])
     with pytest.raises(ValueError, match="mapped"):
         sa.stack_mapper(fn, "vmap", "predict", 0)
+
+
+def test_auto_mapper_is_cached_per_resolved_strategy(monkeypatch):
+    """``"auto"`` is resolved before the mapper cache: a changed table
+    gives the mapper of the new strategy, not the stale one."""
+    import jax
+    import numpy as np
+    from dlfix_jax import seed_axis as sa
+
+    def fn(v, x):
+        return v * x
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    monkeypatch.setitem(sa.AUTO_STRATEGY, ("cpu", "predict"), "vmap")
+    m_vmap = sa.stack_mapper(fn, "auto", "predict")
+    assert m_vmap is sa.stack_mapper(fn, "vmap", "predict")
+    monkeypatch.setitem(sa.AUTO_STRATEGY, ("cpu", "predict"), "lax_map")
+    m_map = sa.stack_mapper(fn, "auto", "predict")
+    assert m_map is sa.stack_mapper(fn, "lax_map", "predict")
+    assert m_map is not m_vmap
+    v = np.arange(3, dtype=np.float32)
+    np.testing.assert_array_equal(np.asarray(m_vmap(v, 2.0)),
+                                  np.asarray(m_map(v, 2.0)))
