@@ -322,3 +322,15 @@ def test_killed_process_then_rerun_loses_and_duplicates_nothing(
     # Cells finished before the kill were kept, not recomputed.
     started = {r["key"]: r["started"] for r in final}
     assert all(started[r["key"]] == r["started"] for r in partial)
+
+
+def test_client_lookup_fails_clearly_when_jax_moves_it(monkeypatch):
+    """The private key-value client is the one JAX internal the study
+    relies on; a JAX that moved it gets a one-line error, not an
+    AttributeError deep in a barrier."""
+    from jax._src import distributed as _dist
+    from dlfix_jax.study import distributed as dist
+    assert dist._client() is _dist.global_state.client  # None: one process
+    monkeypatch.setattr(_dist.global_state, "client", object())
+    with pytest.raises(RuntimeError, match="lacks key_value_set"):
+        dist._client()

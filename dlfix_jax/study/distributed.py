@@ -150,8 +150,31 @@ def plan_hash(obj: Any) -> str:
 
 
 def _client():
-    from jax._src import distributed as _dist  # the runtime's own client
-    return _dist.global_state.client
+    """The coordination service's key-value client of JAX's distributed
+    runtime. JAX has no public handle to it (``jax.distributed`` exposes
+    only initialize / is_initialized / shutdown, and
+    ``multihost_utils.sync_global_devices`` is a collective: it would hang,
+    not fail, when another process raised), so this reads the private
+    ``jax._src.distributed.global_state.client``, checked here once, with a
+    clear error if a JAX upgrade moved it (tested with the pinned jax in
+    requirements.txt)."""
+    try:
+        from jax._src import distributed as _dist
+        client = _dist.global_state.client
+    except (ImportError, AttributeError) as e:
+        raise RuntimeError(
+            f"jax {jax.__version__} does not expose the distributed "
+            "runtime's key-value client where dlfix_jax reads it "
+            "(jax._src.distributed.global_state.client); multi-process "
+            "studies need the jax of requirements.txt") from e
+    for method in ("key_value_set", "key_value_dir_get",
+                   "key_value_try_get"):
+        if client is not None and not hasattr(client, method):
+            raise RuntimeError(
+                f"jax {jax.__version__}'s distributed client lacks "
+                f"{method}; multi-process studies need the jax of "
+                "requirements.txt")
+    return client
 
 
 class Coordinator:
