@@ -254,3 +254,51 @@ def test_evaluate_models_matches_direct_computation():
     with pytest.raises(ValueError, match="eps"):
         evaluate.evaluate_models(jax.random.key(0), m, vo, [(m, fixed[0])],
                                  Split(x, y), asr=True)
+
+
+class _Stream:
+    """A streamed split: Split batches of ``bs`` rows, counting passes."""
+
+    def __init__(self, split, bs):
+        self.split, self.bs, self.passes = split, bs, 0
+
+    def __len__(self):
+        return len(self.split)
+
+    def __iter__(self):
+        self.passes += 1
+        for i in range(0, len(self.split), self.bs):
+            yield self.split.take(slice(i, i + self.bs))
+
+
+def test_streamed_test_split_gives_the_in_memory_numbers():
+    """A streamed test split (ImageNet's kind) is evaluated batch by batch:
+    the same numbers as in memory, ASR included, in two passes (predict,
+    then gather only the attacked inputs)."""
+    import types
+    from tests import fixtures
+    m, v, ds, _ = fixtures.tiny_mlp_problem()
+    fixed = [jax.tree_util.tree_map(
+        lambda a, i=i: a + 0.05 * jax.random.normal(
+            jax.random.key(i), a.shape), v) for i in (1, 2)]
+    kw = dict(asr=True, n_samples=40, batch_size=64, pgd_batch_size=40,
+              strategy="vmap")
+    ref = evaluate.evaluate_models(jax.random.key(3), m, v,
+                                   [(m, f) for f in fixed], ds, **kw)
+    stream = _Stream(ds.test, 37)
+    streamed = types.SimpleNamespace(test=stream, name=ds.name,
+                                     num_classes=ds.num_classes)
+    got = evaluate.evaluate_models(jax.random.key(3), m, v,
+                                   [(m, f) for f in fixed], streamed, **kw)
+    assert ref["asr_samples"] > 0
+    assert got == ref
+    assert stream.passes == 2
+    from dlfix_jax.study import runner
+    bad = jax.tree_util.tree_map(lambda a: a * np.nan, v)
+    assert runner.check_corrupted(m, fixed + [bad], streamed, 5.0, 64) == \
+        runner.check_corrupted(m, fixed + [bad], ds, 5.0, 64)
+    xs = evaluate.StreamedInputs(_Stream(ds.test, 37), len(ds.test))
+    idx = np.array([150, 3, 37, 36, 199, 3])
+    np.testing.assert_array_equal(xs[idx], ds.test.x[idx])
+    with pytest.raises(IndexError, match="index array"):
+        xs[np.array([200])]

@@ -18,6 +18,14 @@ is still reported. ``corrupted_orig`` / ``corrupted`` and the reasons in
 ``corrupted_reason_orig`` / ``corrupted_reason`` say which and why.
 Non-finite numbers (NaN: undefined, ±inf: a division by zero) are None in
 the result, so it is valid JSON as it is.
+
+**Streamed test splits** (ImageNet, :mod:`dlfix_jax.data.imagenet`: the
+split is an iterable of ``Split`` batches, not arrays): the inputs are never
+held whole. One pass predicts every batch with the original and every fixed
+model and keeps only labels, predictions and finiteness flags (bytes per
+input); ASR then takes a second pass that gathers just the ``n_samples``
+attacked inputs (:class:`StreamedInputs`). The numbers are those of the
+same data in memory (tested).
 """
 
 from __future__ import annotations
@@ -54,10 +62,57 @@ def _corrupted_reason(params_finite: bool, n_bad: int, n: int):
     return None
 
 
+class StreamedInputs:
+    """The inputs of a streamed split, indexable by an index array: ``x[idx]``
+    is one pass over the stream keeping only the rows ``idx`` (in ``idx``'s
+    order), so PGD's sample is gathered without holding the split."""
+
+    def __init__(self, stream, n: int):
+        self.stream, self.n = stream, int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, idx) -> np.ndarray:
+        idx = np.asarray(idx, np.int64)
+        if idx.ndim != 1 or (idx.size and (idx.min() < 0
+                                           or idx.max() >= self.n)):
+            raise IndexError(f"streamed inputs take a 1-D index array in "
+                             f"[0, {self.n}), got shape {idx.shape}")
+        order = np.argsort(idx, kind="stable")
+        want = idx[order]
+        rows, pos, start = [], 0, 0
+        for b in self.stream:
+            stop = start + len(b)
+            j = int(np.searchsorted(want, stop))
+            if j > pos:
+                rows.append(np.asarray(b.x, np.float32)[want[pos:j] - start])
+                pos = j
+            start = stop
+            if pos == want.size:
+                break
+        if pos != want.size:
+            raise ValueError(f"the stream ended after {start} inputs; "
+                             f"expected {self.n}")
+        out = np.empty((idx.size,) + rows[0].shape[1:] if rows else (0,),
+                       np.float32)
+        if rows:
+            out[order] = np.concatenate(rows)
+        return out
+
+
+def _is_streamed(split) -> bool:
+    return not hasattr(split, "x") and hasattr(split, "__iter__")
+
+
 def _resolve_data(data, dataset_name):
-    """(x, y, group, name, num_classes or None) from a Dataset or Split."""
+    """(x, y, group, name, num_classes or None) from a Dataset or Split; a
+    streamed test split gives ``x`` = the stream and ``y = None``."""
     if hasattr(data, "test") and hasattr(data, "num_classes"):
         split = data.test
+        if _is_streamed(split):
+            return (split, None, None, dataset_name or data.name,
+                    data.num_classes)
         return (split.x, split.y, split.group, dataset_name or data.name,
                 data.num_classes)
     if hasattr(data, "x") and hasattr(data, "y"):
@@ -82,7 +137,8 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
         may differ, e.g. each loaded from its own Keras file; consecutive
         pairs of one architecture are stacked), a ``(model, stacked)`` tuple,
         or a stacked variable tree of ``model_o``'s architecture.
-      data: a ``Dataset`` (its ``test`` split is used) or a ``Split``.
+      data: a ``Dataset`` (its ``test`` split is used; a streamed one is
+        read batch by batch, module docstring) or a ``Split``.
       asr: also run PGD and report ASR.
       aaod: also report AAOD (needs ``group`` in the split).
       eps: PGD radius; default :data:`pgd.EPSILONS` of the dataset.
@@ -114,6 +170,7 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
         pgd.check_args(eps=eps, n_samples=n_samples)
     x, y, group, name, nc = _resolve_data(data, dataset_name)
     num_classes = num_classes or nc or model_o.num_classes
+    streamed = y is None
     if aaod and group is None:
         raise ValueError(f"AAOD needs sensitive-attribute groups, but the "
                          f"{name or 'given'} test split has no group array")
@@ -124,20 +181,28 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
         eps = pgd.epsilon_for(name)
     if softmax is None:
         softmax = bool(model_o.output_softmax)
-    x = np.asarray(x, np.float32)
-    y = np.asarray(y, np.int32)
 
     groups = seeds.group_models(fixed, model_o)
     stacked_o = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], vars_o)
-    po, fo = seeds.predict_stack(model_o, stacked_o, x, batch_size,
-                                 "sequential", return_finite=True)
-    po, fo = po[0], fo[0]
-    preds, fins = [], []
-    for m, st, _ in groups:
-        p, f = seeds.predict_stack(m, st, x, batch_size, strategy,
-                                   return_finite=True)
-        preds.append(p)
-        fins.append(f)
+    if streamed:
+        x, y, group, po, fo, preds, fins = _predict_streamed(
+            x, model_o, stacked_o, groups, batch_size, strategy)
+        if aaod and group is None:
+            raise ValueError(f"AAOD needs sensitive-attribute groups, but "
+                             f"the {name or 'given'} streamed test split "
+                             f"has no group array")
+    else:
+        x = np.asarray(x, np.float32)
+        y = np.asarray(y, np.int32)
+        po, fo = seeds.predict_stack(model_o, stacked_o, x, batch_size,
+                                     "sequential", return_finite=True)
+        po, fo = po[0], fo[0]
+        preds, fins = [], []
+        for m, st, _ in groups:
+            p, f = seeds.predict_stack(m, st, x, batch_size, strategy,
+                                       return_finite=True)
+            preds.append(p)
+            fins.append(f)
     pf = seeds.scatter_groups(groups, preds)
     ff = seeds.scatter_groups(groups, fins)
 
@@ -200,3 +265,36 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
                 if k in out:
                     out[k][s] = None
     return out
+
+
+def _predict_streamed(stream, model_o, stacked_o, groups, batch_size: int,
+                      strategy: str):
+    """One pass over a streamed split: ``(StreamedInputs, y, group or None,
+    po, fo, preds, fins)`` as the in-memory path computes them."""
+    ys, gs, pos_, fos = [], [], [], []
+    pg = [[] for _ in groups]
+    fg = [[] for _ in groups]
+    for b in stream:
+        xb = np.asarray(b.x, np.float32)
+        if not len(xb):
+            continue
+        ys.append(np.asarray(b.y, np.int32))
+        gs.append(None if getattr(b, "group", None) is None
+                  else np.asarray(b.group, np.int32))
+        p, f = seeds.predict_stack(model_o, stacked_o, xb, batch_size,
+                                   "sequential", return_finite=True)
+        pos_.append(p[0])
+        fos.append(f[0])
+        for i, (m, st, _) in enumerate(groups):
+            p, f = seeds.predict_stack(m, st, xb, batch_size, strategy,
+                                       return_finite=True)
+            pg[i].append(p)
+            fg[i].append(f)
+    if not ys:
+        raise ValueError("the streamed test split yielded no inputs")
+    y = np.concatenate(ys)
+    group = None if any(g is None for g in gs) else np.concatenate(gs)
+    preds = [np.concatenate(p, axis=1) for p in pg]
+    fins = [np.concatenate(f, axis=1) for f in fg]
+    return (StreamedInputs(stream, len(y)), y, group, np.concatenate(pos_),
+            np.concatenate(fos), preds, fins)

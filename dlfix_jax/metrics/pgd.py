@@ -256,7 +256,9 @@ def asr(key: jax.Array, model_o, vars_o, fixed, x, y, *, eps: float,
       model_o, vars_o: the original model and its variables.
       fixed: the fixed models: ``(model, stacked_variables)``, a list of
         ``(model, variables)``, or a stacked tree (uses ``model_o``).
-      x, y: the test inputs and labels (normalised input space).
+      x, y: the test inputs and labels (normalised input space); with
+        ``correct`` given, ``x`` may be anything that ``x[idx]`` turns into
+        the rows ``idx`` (only the attacked inputs are read).
       eps: L∞ radius (see :data:`EPSILONS`).
       n_samples: how many both-correct inputs to attack (fewer if fewer exist).
       softmax: attack probabilities instead of logits (Keras softmax models).
@@ -284,7 +286,10 @@ def asr(key: jax.Array, model_o, vars_o, fixed, x, y, *, eps: float,
                n_samples=n_samples, batch_size=batch_size,
                pred_batch_size=pred_batch_size)
     groups = seeds.group_models(fixed, model_o)
-    x = np.asarray(x, np.float32)
+    if correct is None:  # the whole of x is predicted; with ``correct``
+        # only the sampled rows are read (``x[idx]``: an array, or the
+        # streamed inputs of :class:`dlfix_jax.metrics.evaluate.StreamedInputs`)
+        x = np.asarray(x, np.float32)
     y = np.asarray(y, np.int32)
     s_total = seeds.total_seeds(groups)
     exclude = (np.zeros(s_total, bool) if exclude is None
@@ -321,7 +326,7 @@ def asr(key: jax.Array, model_o, vars_o, fixed, x, y, *, eps: float,
                 "d_asr": np.full(s_total, np.nan), "attacked": attacked,
                 "n_samples": 0, "eps": float(eps), "bounds": (nan, nan),
                 "indices": idx}
-    xs, ys = x[idx], y[idx]
+    xs, ys = np.asarray(x[idx], np.float32), y[idx]
     bounds = (float(xs.min()), float(xs.max()))
     start = (random_start_points(k_start, xs, eps, bounds) if random_start
              else None)

@@ -367,15 +367,17 @@ def run_vmapped(spec, problem, cfg, keys: Sequence[jax.Array],
 # Evaluation.
 
 
-def _split_arrays(split):
-    return np.asarray(split.x), np.asarray(split.y, np.int32)
+def _test_batches(split):
+    """The test split as batches: itself when in memory, else its stream
+    (ImageNet's splits are iterables of ``Split`` batches)."""
+    return [split] if hasattr(split, "x") else split
 
 
 def check_corrupted(model, fixed_list: Sequence[dict], dataset,
                     margin: float, batch_size: int) -> list[str | None]:
     """Per fixed model: None, or why it is corrupted (non-finite parameters
-    or test logits, or accuracy <= 100/num_classes + margin)."""
-    x, y = _split_arrays(dataset.test)
+    or test logits, or accuracy <= 100/num_classes + margin). A streamed
+    test split is read batch by batch."""
     chance = 100.0 / dataset.num_classes
     out = []
     for v in fixed_list:
@@ -383,13 +385,21 @@ def check_corrupted(model, fixed_list: Sequence[dict], dataset,
             out.append("non-finite parameters")
             continue
         stacked = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], v)
-        pred, finite = seeds_lib.predict_stack(
-            model, stacked, x, batch_size, "sequential", return_finite=True)
-        n_bad = int(np.sum(~finite[0]))
+        n = n_bad = n_ok = 0
+        for b in _test_batches(dataset.test):
+            yb = np.asarray(b.y, np.int32)
+            if not len(yb):
+                continue
+            pred, finite = seeds_lib.predict_stack(
+                model, stacked, np.asarray(b.x, np.float32), batch_size,
+                "sequential", return_finite=True)
+            n += len(yb)
+            n_bad += int(np.sum(~finite[0]))
+            n_ok += int(np.sum(pred[0] == yb))
         if n_bad:
-            out.append(f"non-finite outputs on {n_bad}/{len(y)} test inputs")
+            out.append(f"non-finite outputs on {n_bad}/{n} test inputs")
             continue
-        acc = 100.0 * float(np.mean(pred[0] == y))
+        acc = 100.0 * n_ok / max(n, 1)
         if acc <= chance + margin:
             out.append(f"accuracy {acc:.2f}% <= chance {chance:.2f}% + "
                        f"margin {margin:g}")
@@ -408,7 +418,7 @@ def evaluate_fixed(key, model, variables, fixed_list, dataset, pair_cfg,
     res = evaluate_lib.evaluate_models(
         key, model, variables, stacked, dataset,
         asr=bool(asr and acfg.enabled),
-        aaod=dataset.test.group is not None,
+        aaod=getattr(dataset.test, "group", None) is not None,
         eps=acfg.eps, softmax=acfg.softmax, n_samples=int(acfg.n_samples),
         strategy=str(config.eval_strategy),
         batch_size=int(config.eval_batch_size))
@@ -486,6 +496,10 @@ def evaluate_ensembles(key, model, variables, fixed_list, dataset,
     key per evaluation (a fixed noise/dropout draw), so the attacked
     function is deterministic. AAOD only when the dataset has groups.
     """
+    if not hasattr(dataset.test, "x"):
+        raise ValueError(f"post-processing ensembles need the test split in "
+                         f"memory; {dataset.name}'s is streamed (turn them "
+                         f"off with --config.ensembles=)")
     x = np.asarray(dataset.test.x, np.float32)
     y = np.asarray(dataset.test.y, np.int32)
     ux = np.asarray(dataset.valid.x, np.float32)
