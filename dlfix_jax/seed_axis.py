@@ -44,9 +44,11 @@ Tasks (what ``"auto"`` optimises for) and the CPU measurements behind
   1.3x the evaluations per second of ``vmap`` on a quiet machine (8.1x
   under heavy load).
 * ``"population_head"`` — the same when a candidate only adds a low-rank
-  update to cached logits (no layer runs per candidate: Arachne, DistrRep,
-  NeuRecover on the logits layer, CARE on the last Dense layer's input,
-  GenMuNN on a non-sequential model; case ``logits``): ``vmap``, 1.7-1.8x
+  update to cached logits (no layer runs per candidate: Arachne, DistrRep's
+  merge, NeuRecover on the logits layer, CARE on the last Dense layer's
+  input, GenMuNN on a non-sequential model; case ``logits``; DistrRep's
+  per-repair swarms, already inside a vmap over repairs, take the
+  ``"population"`` task): ``vmap``, 1.7-1.8x
   ``lax_map`` on a quiet machine. (Under heavy load lax_map won 6.9x: the
   vmapped (P, N, C) logits are memory-bound and suffer most from other
   jobs; the quiet measurement decides.) :func:`population_strategy` picks

@@ -302,3 +302,6 @@ def test_streamed_test_split_gives_the_in_memory_numbers():
     np.testing.assert_array_equal(xs[idx], ds.test.x[idx])
     with pytest.raises(IndexError, match="index array"):
         xs[np.array([200])]
+    assert xs[np.array([], int)].shape == (0, 28, 28, 1)
+    with pytest.raises(TypeError, match="cannot be read whole"):
+        np.asarray(xs)

@@ -81,6 +81,10 @@ class StreamedInputs:
                              f"[0, {self.n}), got shape {idx.shape}")
         order = np.argsort(idx, kind="stable")
         want = idx[order]
+        if not want.size:
+            first = next(iter(self.stream), None)
+            tail = () if first is None else np.shape(first.x)[1:]
+            return np.empty((0,) + tuple(tail), np.float32)
         rows, pos, start = [], 0, 0
         for b in self.stream:
             stop = start + len(b)
@@ -94,11 +98,13 @@ class StreamedInputs:
         if pos != want.size:
             raise ValueError(f"the stream ended after {start} inputs; "
                              f"expected {self.n}")
-        out = np.empty((idx.size,) + rows[0].shape[1:] if rows else (0,),
-                       np.float32)
-        if rows:
-            out[order] = np.concatenate(rows)
+        out = np.empty((idx.size,) + rows[0].shape[1:], np.float32)
+        out[order] = np.concatenate(rows)
         return out
+
+    def __array__(self, *args, **kwargs):
+        raise TypeError("streamed inputs cannot be read whole; index them "
+                        "with an index array (x[idx])")
 
 
 def _is_streamed(split) -> bool:
@@ -171,7 +177,7 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
     x, y, group, name, nc = _resolve_data(data, dataset_name)
     num_classes = num_classes or nc or model_o.num_classes
     streamed = y is None
-    if aaod and group is None:
+    if aaod and group is None and not streamed:
         raise ValueError(f"AAOD needs sensitive-attribute groups, but the "
                          f"{name or 'given'} test split has no group array")
     if asr and eps is None:
@@ -185,6 +191,10 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
     groups = seeds.group_models(fixed, model_o)
     stacked_o = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], vars_o)
     if streamed:
+        # on the device once, not once per streamed batch
+        stacked_o = seeds.to_device(stacked_o)
+        groups = seeds.ModelGroups((m, seeds.to_device(st), pos)
+                                   for m, st, pos in groups)
         x, y, group, po, fo, preds, fins = _predict_streamed(
             x, model_o, stacked_o, groups, batch_size, strategy)
         if aaod and group is None:

@@ -120,8 +120,9 @@ def load_records(workdir: str) -> list[dict]:
     ``results.jsonl`` merged with the shards ``results.p<k>.jsonl`` of a
     multi-process study that has not merged them yet (a running or killed
     one), by :func:`dlfix_jax.study.store.merged_records` (the store's one
-    reader: torn and invalid lines skipped with a warning naming the line;
-    a shard's record supersedes the main file's). Each record must also
+    reader: a torn trailing line ignored, invalid lines skipped with a
+    warning naming the line; a shard's record supersedes the main
+    file's). Each record must also
     name its dataset, approach and seed (else it is skipped with a
     warning).
 

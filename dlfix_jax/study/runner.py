@@ -481,6 +481,14 @@ def _combo_attack(name: str, model, temperature: float | None, steps: int,
     return attack
 
 
+def _ensembles_need_memory(dataset) -> None:
+    """Raises unless the test split is in memory (ensembles read it whole)."""
+    if not hasattr(dataset.test, "x"):
+        raise ValueError(f"post-processing ensembles need the test split in "
+                         f"memory; {dataset.name}'s is streamed (turn them "
+                         f"off with --config.ensembles=)")
+
+
 def evaluate_ensembles(key, model, variables, fixed_list, dataset,
                        names: Sequence[str], pair_cfg, config) -> list[dict]:
     """Per fixed model, ``{combo: {acc, rr, nfr, asr, aaod}}`` of the
@@ -496,10 +504,7 @@ def evaluate_ensembles(key, model, variables, fixed_list, dataset,
     key per evaluation (a fixed noise/dropout draw), so the attacked
     function is deterministic. AAOD only when the dataset has groups.
     """
-    if not hasattr(dataset.test, "x"):
-        raise ValueError(f"post-processing ensembles need the test split in "
-                         f"memory; {dataset.name}'s is streamed (turn them "
-                         f"off with --config.ensembles=)")
+    _ensembles_need_memory(dataset)
     x = np.asarray(dataset.test.x, np.float32)
     y = np.asarray(dataset.test.y, np.int32)
     ux = np.asarray(dataset.valid.x, np.float32)
@@ -556,8 +561,10 @@ def _cell_progress(todo: int, prefix: str = "") -> progress_lib.Progress:
     process's, with several; ``prefix`` names the process). Its ``step``
     lines go into the runner's own per-cell log lines, so it never logs by
     itself."""
-    return progress_lib.Progress(todo, desc=(prefix.strip() or "cells"),
-                                 every_s=float("inf"))
+    p = progress_lib.Progress(todo, desc=(prefix.strip() or "cells"),
+                              every_s=float("inf"))
+    p.prefix = prefix  # the runner's own lines start with it
+    return p
 
 
 def _pair_items(config) -> list[tuple[str, Any]]:
@@ -683,6 +690,8 @@ def _run_units(units, config, workdir, store, S, strategy, progress,
             loaded[pname] = _load_pair(pcfg, workdir, data_lib, train_lib,
                                        checkpoint, fixers)
         model, variables, dataset, problem = loaded[pname]
+        if _ensembles_for(config, a, combos):
+            _ensembles_need_memory(dataset)  # before any fixing
         spec = fixers.get(a)
         recs = _run_approach(
             spec, model, variables, dataset, problem, pcfg, config, keys,
