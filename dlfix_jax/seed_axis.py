@@ -28,8 +28,13 @@ function through this module, with one of these strategies:
 Tasks (what ``"auto"`` optimises for) and the CPU measurements behind
 :data:`AUTO_STRATEGY` (BENCHMARKS.md, "Strategy layer"):
 
-* ``"predict"`` (``benchmarks/eval_seeds.py``): ``vmap``, 0.4-0.6x of
-  sequential's time for LeNet5 and VGG16 at S = 3, 10.
+* ``"predict"`` (``benchmarks/eval_seeds.py``): ``lax_map``, 0.92-0.95x
+  of sequential's time for LeNet5 (10,000 inputs) and VGG16 at S = 1, 3,
+  10; ``vmap`` took 1.9-2.6x (LeNet5) and 4.5-10.8x (VGG16) of
+  sequential's time since the CPU convolution paths (small-input im2col,
+  the one-channel fence): batching the weights makes XLA:CPU grouped
+  convolutions. (Before those paths vmap was 0.4-0.6x; remeasured
+  2026-12-05.)
 * ``"pgd"`` (``benchmarks/eval_seeds.py``): ``sequential`` (vmap and
   lax.map were 5 % to 20 % slower).
 * ``"train"`` — one training step of K models (Apricot's reduced models,
@@ -92,7 +97,7 @@ _ACCEL = ("gpu", "cuda", "rocm", "tpu")
 # (backend, task) -> strategy chosen by "auto". CPU rows are measured
 # (MEASURED); accelerator rows are NOT measured (module docstring).
 AUTO_STRATEGY = {
-    ("cpu", "predict"): "vmap", ("cpu", "pgd"): "sequential",
+    ("cpu", "predict"): "lax_map", ("cpu", "pgd"): "sequential",
     ("cpu", "train"): "sequential", ("cpu", "population"): "lax_map",
     ("cpu", "population_head"): "vmap",
     ("cpu", "fix"): "vmap",

@@ -193,7 +193,7 @@ def test_strategies_agree():
 
 
 def test_auto_strategy_per_backend():
-    assert seeds.resolve_strategy("auto", "cpu", "predict") == "vmap"
+    assert seeds.resolve_strategy("auto", "cpu", "predict") == "lax_map"
     assert seeds.resolve_strategy("auto", "cpu", "pgd") == "sequential"
     assert seeds.resolve_strategy("auto", "cpu", "other") == "sequential"
     assert seeds.resolve_strategy("auto", "gpu", "pgd") == "vmap"
