@@ -60,9 +60,14 @@ Tasks (what ``"auto"`` optimises for) and the CPU measurements behind
   between the two.
 * ``"fix"`` — the S seeds of one fixer (:func:`fixer_seed_mode`): a fixer
   does host work between its jitted kernels, so its seeds run either one
-  after another or in one ``jax.vmap(fix)`` (registry flag ``vmappable``);
-  ``auto`` is ``vmap`` everywhere, the study runner's choice, **not
-  measured** on any backend.
+  after another or in one ``jax.vmap(fix)`` (registry flag ``vmappable``).
+  CPU ``auto``: ``sequential``. Measured on the study's MNIST LeNet5 (the
+  five vmappable fixers, 3 seeds, ``study_mnist_artifact_reduced.py``,
+  BENCHMARKS.md): sequential 129 s against vmap 153 s wall, faster for
+  each of Arachne, CARE, DistrRep, GenMuNN and I-Repair. Accelerators:
+  ``vmap`` (not measured). GenMuNN and I-Repair give different fixed
+  models under the two modes (float reassociation in a GA / many gradient
+  steps); each mode is deterministic.
 
 **Unmeasured backends.** GPU, CUDA, ROCm and TPU entries are *not measured*
 (no accelerator was available when the table was made); they say ``vmap``
@@ -100,10 +105,10 @@ AUTO_STRATEGY = {
     ("cpu", "predict"): "lax_map", ("cpu", "pgd"): "sequential",
     ("cpu", "train"): "sequential", ("cpu", "population"): "lax_map",
     ("cpu", "population_head"): "vmap",
-    ("cpu", "fix"): "vmap",
+    ("cpu", "fix"): "sequential",
     **{(b, t): "vmap" for b in _ACCEL for t in TASKS},
 }
-MEASURED = frozenset({("cpu", t) for t in TASKS if t != "fix"})
+MEASURED = frozenset({("cpu", t) for t in TASKS})
 """The (backend, task) pairs of :data:`AUTO_STRATEGY` backed by a
 measurement (BENCHMARKS.md); every other entry is a guess."""
 

@@ -135,6 +135,9 @@ def tiny_config(approaches, num_seeds=2, budget=0.0, asr=False):
     pair.asr.enabled = asr  # PGD's compilation dominates; one test runs it
     c.pairs.digits_lenet5 = pair
     c.time_budget_s = budget
+    # vmappable fixers' seeds in one vmap(fix), as on accelerators (CPU's
+    # auto is sequential): keeps the runner's vmapped path under test
+    c.fix_strategy = "vmap"
     return c
 
 

@@ -114,10 +114,13 @@ def test_auto_table_names_its_tasks_and_unmeasured_backends():
     assert sa.population_strategy(False, backend="cpu") == "lax_map"
     assert sa.population_strategy(True, backend="cpu") == "vmap"
     assert sa.population_strategy(True, "sharded") == "sharded"
-    assert all(sa.is_measured("cpu", t) for t in sa.TASKS if t != "fix")
+    assert all(sa.is_measured("cpu", t) for t in sa.TASKS)
     for b in ("gpu", "tpu"):
         assert not any(sa.is_measured(b, t) for t in sa.TASKS)
-    assert sa.fixer_seed_mode("auto", vmappable=True, backend="cpu") == "vmap"
+    assert sa.fixer_seed_mode("auto", vmappable=True, backend="cpu") == \
+        "sequential"
+    assert sa.fixer_seed_mode("auto", vmappable=True, backend="gpu") == "vmap"
+    assert sa.fixer_seed_mode("vmap", vmappable=True) == "vmap"
     assert sa.fixer_seed_mode("auto", vmappable=False) == "sequential"
     with pytest.raises(ValueError, match="not one jittable"):
         sa.fixer_seed_mode("sharded")

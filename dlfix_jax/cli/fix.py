@@ -48,6 +48,10 @@ flags.DEFINE_multi_string("fixer", [], "Fixer-config override key=value "
 flags.DEFINE_integer("eval_batch_size", 1000, "Inputs per evaluation call.")
 flags.DEFINE_float("time_budget_s", 0.0, "Per-seed time budget in seconds (0: "
                    "none); a seed past it is recorded as a timeout failure.")
+flags.DEFINE_enum("seed_strategy", "auto", ["auto", "vmap", "sequential"],
+                  "How the seeds run: one vmap(fix) call (vmappable "
+                  "fixers) or one after another; auto: measured per "
+                  "backend (CPU: sequential).")
 flags.DEFINE_string("export_h5", None, "Also write seed 0's fixed model to "
                     "this Keras .h5 file.")
 flags.mark_flags_as_required(["approach", "workdir"])
@@ -95,7 +99,8 @@ def main(argv):
         status, m = fix.run(config, FLAGS.approach, FLAGS.seeds,
                             FLAGS.workdir, FLAGS.fixer, FLAGS.eval_batch_size,
                             base=FLAGS.base,
-                            time_budget_s=FLAGS.time_budget_s)
+                            time_budget_s=FLAGS.time_budget_s,
+                            seed_strategy=FLAGS.seed_strategy)
     except (checkpoint.CheckpointError, DataError, ValueError,
             FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -19,8 +19,10 @@
      ``fold_in(fold_in(key(config.seed), STREAM_FIX), s)``. Keys are folded
      per seed rather than ``split(…, S)`` so a seed's key does not depend on
      S: raising ``num_seeds`` later keeps the finished seeds valid.
-     ``vmappable`` fixers run all seeds in one ``vmap(fix)`` call
-     (unless ``config.fix_strategy == "sequential"``); the others run one
+     ``vmappable`` fixers run all seeds in one ``vmap(fix)`` call when
+     ``config.fix_strategy`` resolves to ``"vmap"`` (``"auto"``:
+     :func:`dlfix_jax.seed_axis.fixer_seed_mode`, sequential on CPU where
+     it was measured faster, vmap on accelerators); the others run one
      seed after another. Times are split into compilation and execution
      (see *Timing*).
    * An exception makes that seed ``"failure"`` with the exception text.

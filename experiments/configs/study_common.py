@@ -32,7 +32,7 @@ def base_study(name: str) -> ml_collections.ConfigDict:
     c.fixers = fixer_settings()  # every fixer's full config
     c.time_budget_s = 0.0  # per fixing run; 0 = no budget
     c.corrupt_margin = 5.0  # corrupted if acc <= 100/num_classes + margin
-    c.fix_strategy = "auto"  # auto (vmap when the fixer allows) | sequential
+    c.fix_strategy = "auto"  # auto (seed_axis "fix": CPU sequential, else vmap when the fixer allows) | vmap | sequential
     c.eval_strategy = "auto"  # seed strategy of evaluation (seed_axis)
     c.eval_batch_size = 256
     c.ensembles = ""  # "" or a comma list of NO,SV,HV,UP,UD,US
