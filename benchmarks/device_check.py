@@ -13,6 +13,11 @@
 * PGD, 500 inputs x 40 steps, one LeNet5;
 * Arachne on the embedded digits with a digits-trained LeNet5 (one fix);
 * one Apricot reduced-model epoch (K models, sequential vs vmap).
+* Arachne's 3 seeds in one ``vmap(fix)`` vs one after another (task
+  ``"fix"``);
+* a search population scored with vmap vs lax_map, last Dense and hidden
+  layer + tail (tasks ``"population_head"`` / ``"population"``,
+  :func:`benchmarks._population.measure`, shorter runs).
 
 It writes one JSON file with the backend, device kinds, versions and every
 number, and prints a summary. Budget: under 8 minutes on one GPU; ``--quick``
@@ -160,6 +165,29 @@ def arachne_fix(problem, generations: int) -> dict:
     return {"generations": generations, "first_s": f1, "steady_s": best}
 
 
+def fix_seed_modes(problem, generations: int, seeds: int = 3) -> list[dict]:
+    """Arachne's S seeds in one ``vmap(fix)`` vs one after another (the
+    ``"fix"`` task of the strategy layer)."""
+    import jax
+
+    from dlfix_jax import fixers
+
+    spec = fixers.get("arachne")
+    cfg = fixers.fixer_config(spec, {"max_generations": generations,
+                                     "patience": generations})
+    keys = jax.random.split(jax.random.key(0), seeds)
+    vfix = jax.vmap(spec.fix, in_axes=(0, None, None))
+    runs = {"vmap": lambda: vfix(keys, problem, cfg).variables,
+            "sequential": lambda: [spec.fix(k, problem, cfg).variables
+                                   for k in keys]}
+    rows = []
+    for mode, fn in runs.items():
+        f1, best = _timed(fn, repeats=1)
+        rows.append({"task": "fix", "S": seeds, "strategy": mode,
+                     "first_s": f1, "steady_s": best})
+    return rows
+
+
 def apricot_epoch(problem, k: int) -> list[dict]:
     import jax
 
@@ -172,7 +200,8 @@ def apricot_epoch(problem, k: int) -> list[dict]:
             "num_rdlms": k, "rdlm_epochs": 1, "rdlm_strategy": strat})
         f1, best = _timed(lambda: apricot.train_rdlms(
             jax.random.key(0), problem.model, problem.train,
-            problem.num_classes, cfg)[0], repeats=1)
+            problem.num_classes, cfg, original=problem.variables)[0],
+            repeats=1)
         rows.append({"K": k, "strategy": strat, "first_s": f1,
                      "steady_s": best})
     return rows
@@ -199,6 +228,11 @@ def main(argv):
     problem = _digits_problem(1 if q else 15)
     out["arachne"] = arachne_fix(problem, 3 if q else 100)
     out["apricot_rdlm_epoch"] = apricot_epoch(problem, 3 if q else 20)
+    out["fix_seeds"] = fix_seed_modes(problem, 3 if q else 30)
+    from benchmarks import _population
+    out["population"] = _population.measure(
+        generations=2 if q else 10, n_pos=200 if q else 4946,
+        n_neg=20 if q else 54, rounds=1)
     out["total_s"] = time.perf_counter() - t0
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:

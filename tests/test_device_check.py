@@ -1,0 +1,28 @@
+"""``benchmarks/device_check.sh --quick`` runs on CPU and writes its JSON:
+the accelerator check is run rarely (only when a GPU is lent), so a broken
+script would otherwise go unnoticed until then."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_device_check_quick_writes_every_section(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path), PY=sys.executable)
+    proc = subprocess.run(["bash", "benchmarks/device_check.sh", "--quick"],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((tmp_path / "device_check.json").read_text())
+    for key in ("train", "seed_axis", "pgd", "arachne",
+                "apricot_rdlm_epoch", "fix_seeds", "population"):
+        assert out[key], key
+    assert {r["strategy"] for r in out["fix_seeds"]} == {"vmap",
+                                                         "sequential"}
+    assert {(r["case"], r["strategy"]) for r in out["population"]} == {
+        (c, s) for c in ("logits", "hidden") for s in ("vmap", "lax_map")}
+    assert all(r[k] > 0 for r in out["population"]
+               for k in ("evals_per_s",))
