@@ -37,6 +37,7 @@ import numpy as np
 
 from dlfix_jax.metrics import classification, fairness, pgd
 from dlfix_jax import seed_axis as seeds
+from dlfix_jax.data import base as base_data
 
 # Per-fixed-model keys set to None for a corrupted fixed model.
 _PER_MODEL = ("acc", "d_acc", "repaired", "broken", "rr", "nfr", "asr",
@@ -109,6 +110,12 @@ class StreamedInputs:
 
 def _is_streamed(split) -> bool:
     return not hasattr(split, "x") and hasattr(split, "__iter__")
+
+
+def test_batches(split):
+    """A test split as an iterable of ``Split`` batches: the split itself
+    (one batch) when in memory, else its stream."""
+    return split if _is_streamed(split) else [split]
 
 
 def _resolve_data(data, dataset_name):
@@ -188,31 +195,25 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
     if softmax is None:
         softmax = bool(model_o.output_softmax)
 
-    groups = seeds.group_models(fixed, model_o)
-    stacked_o = jax.tree_util.tree_map(lambda a: np.asarray(a)[None], vars_o)
+    # every model on the device once, not once per (streamed) batch
+    stacked_o = seeds.to_device(
+        jax.tree_util.tree_map(lambda a: np.asarray(a)[None], vars_o))
+    groups = seeds.ModelGroups((m, seeds.to_device(st), pos)
+                               for m, st, pos in seeds.group_models(
+                                   fixed, model_o))
     if streamed:
-        # on the device once, not once per streamed batch
-        stacked_o = seeds.to_device(stacked_o)
-        groups = seeds.ModelGroups((m, seeds.to_device(st), pos)
-                                   for m, st, pos in groups)
-        x, y, group, po, fo, preds, fins = _predict_streamed(
-            x, model_o, stacked_o, groups, batch_size, strategy)
+        batches = x
+    else:
+        x = np.asarray(x, np.float32)
+        batches = [base_data.Split(x, np.asarray(y, np.int32), group)]
+    y, group, po, fo, preds, fins = _predict_batches(
+        batches, model_o, stacked_o, groups, batch_size, strategy)
+    if streamed:
+        x = StreamedInputs(batches, len(y))
         if aaod and group is None:
             raise ValueError(f"AAOD needs sensitive-attribute groups, but "
                              f"the {name or 'given'} streamed test split "
                              f"has no group array")
-    else:
-        x = np.asarray(x, np.float32)
-        y = np.asarray(y, np.int32)
-        po, fo = seeds.predict_stack(model_o, stacked_o, x, batch_size,
-                                     "sequential", return_finite=True)
-        po, fo = po[0], fo[0]
-        preds, fins = [], []
-        for m, st, _ in groups:
-            p, f = seeds.predict_stack(m, st, x, batch_size, strategy,
-                                       return_finite=True)
-            preds.append(p)
-            fins.append(f)
     pf = seeds.scatter_groups(groups, preds)
     ff = seeds.scatter_groups(groups, fins)
 
@@ -277,14 +278,15 @@ def evaluate_models(key: jax.Array, model_o, vars_o, fixed, data, *,
     return out
 
 
-def _predict_streamed(stream, model_o, stacked_o, groups, batch_size: int,
-                      strategy: str):
-    """One pass over a streamed split: ``(StreamedInputs, y, group or None,
-    po, fo, preds, fins)`` as the in-memory path computes them."""
+def _predict_batches(batches, model_o, stacked_o, groups, batch_size: int,
+                     strategy: str):
+    """One pass over the test batches (one for a split in memory): ``(y,
+    group or None, po, fo, preds, fins)``: labels, the original's and each
+    group's predictions and finiteness flags."""
     ys, gs, pos_, fos = [], [], [], []
     pg = [[] for _ in groups]
     fg = [[] for _ in groups]
-    for b in stream:
+    for b in batches:
         xb = np.asarray(b.x, np.float32)
         if not len(xb):
             continue
@@ -301,10 +303,10 @@ def _predict_streamed(stream, model_o, stacked_o, groups, batch_size: int,
             pg[i].append(p)
             fg[i].append(f)
     if not ys:
-        raise ValueError("the streamed test split yielded no inputs")
+        raise ValueError("no inputs to evaluate: the test split is empty")
     y = np.concatenate(ys)
     group = None if any(g is None for g in gs) else np.concatenate(gs)
     preds = [np.concatenate(p, axis=1) for p in pg]
     fins = [np.concatenate(f, axis=1) for f in fg]
-    return (StreamedInputs(stream, len(y)), y, group, np.concatenate(pos_),
-            np.concatenate(fos), preds, fins)
+    return (y, group, np.concatenate(pos_), np.concatenate(fos), preds,
+            fins)

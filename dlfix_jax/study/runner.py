@@ -369,12 +369,6 @@ def run_vmapped(spec, problem, cfg, keys: Sequence[jax.Array],
 # Evaluation.
 
 
-def _test_batches(split):
-    """The test split as batches: itself when in memory, else its stream
-    (ImageNet's splits are iterables of ``Split`` batches)."""
-    return [split] if hasattr(split, "x") else split
-
-
 def check_corrupted(model, fixed_list: Sequence[dict], dataset,
                     margin: float, batch_size: int) -> list[str | None]:
     """Per fixed model: None, or why it is corrupted (non-finite parameters
@@ -388,7 +382,7 @@ def check_corrupted(model, fixed_list: Sequence[dict], dataset,
             continue
         stacked = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], v)
         n = n_bad = n_ok = 0
-        for b in _test_batches(dataset.test):
+        for b in evaluate_lib.test_batches(dataset.test):
             yb = np.asarray(b.y, np.int32)
             if not len(yb):
                 continue
