@@ -23,8 +23,6 @@ timed steps; examples/s = steps x batch / wall time.
 * ``jax_plain`` (optional): ``jax`` with the XLA:CPU workarounds of
   :mod:`dlfix_jax.models.layers` switched off (``layers.on_cpu`` patched
   to False: plain ``nn.Conv`` / ``nn.max_pool``), to measure what they buy.
-* ``jax_notaps`` (optional): ``jax`` with only the per-tap kernel gradient
-  (``layers.TAP_KERNEL_GRAD``) switched off, to measure what it buys.
 
 The frameworks are measured in turn, ``--rounds`` times (A, B, C, A, B,
 C, ...), and the median examples/s is reported with the median of the
@@ -62,7 +60,6 @@ flags.DEFINE_string("single", None, "Internal: measure one 'model,framework'"
                     " in this process and print its examples/s as JSON.")
 FLAGS = flags.FLAGS
 
-JAX_VARIANTS = ("jax", "jax_plain", "jax_notaps")
 SHAPES = {"lenet5": (28, 28, 1), "vgg16": (32, 32, 3)}
 
 
@@ -76,7 +73,7 @@ def _data(model: str, steps: int, batch: int, seed: int = 0):
 
 
 def bench_jax(model_name: str, steps: int, warmup: int, batch: int,
-              plain: bool = False, taps: bool = True) -> float:
+              plain: bool = False) -> float:
     import jax
 
     from dlfix_jax import models
@@ -87,9 +84,6 @@ def bench_jax(model_name: str, steps: int, warmup: int, batch: int,
     if plain:
         from dlfix_jax.models import layers
         layers.on_cpu = lambda: False
-    if not taps:
-        from dlfix_jax.models import layers
-        layers.TAP_KERNEL_GRAD = False
     model = models.get(model_name)
     v = model.init(jax.random.key(0))
     tx = loop.optimizer("adam", 1e-3)
@@ -158,9 +152,9 @@ def bench_keras(which: str, model_name: str, steps: int, warmup: int,
 
 def _measure(name: str, fw: str) -> float:
     steps = getattr(FLAGS, f"{name}_steps")
-    if fw in JAX_VARIANTS:
+    if fw in ("jax", "jax_plain"):
         return bench_jax(name, steps, FLAGS.warmup_steps, FLAGS.batch_size,
-                         plain=fw == "jax_plain", taps=fw != "jax_notaps")
+                         plain=fw == "jax_plain")
     return bench_keras(fw, name, steps, FLAGS.warmup_steps, FLAGS.batch_size)
 
 
@@ -198,7 +192,7 @@ def main(argv):
         steps = getattr(FLAGS, f"{name}_steps")
         runs = {fw: [] for fw in FLAGS.frameworks}
         for fw in FLAGS.frameworks:
-            if fw not in JAX_VARIANTS + ("keras", "tf_keras"):
+            if fw not in ("jax", "jax_plain", "keras", "tf_keras"):
                 raise app.UsageError(f"unknown framework {fw!r}")
         for r in range(FLAGS.rounds):
             for fw in FLAGS.frameworks:

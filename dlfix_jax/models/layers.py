@@ -196,12 +196,6 @@ class Conv(nn.Conv):
       as im2col plus one matmul: XLA:CPU swaps the operands of such
       convolutions and then runs them ~70x slower (about 1 GFLOP/s; 80% of a
       VGG16 training step);
-    * any other stride-1 convolution with at most 3x3 taps and at least 36
-      output positions per image (6x6) is :func:`tap_grad_conv`: XLA's own
-      convolution forward and for the input gradient, but the kernel
-      gradient as one matmul per tap, 1.2-1.5x faster than XLA:CPU's
-      filter-gradient convolution for VGG16's, FaceNet's and LeNet5's conv2
-      shapes (neutral at 4x4 maps, slower for 5x5 taps: not used there);
     * a stride-1 convolution of a one-channel input (LeNet5's first layer
       on MNIST) is :func:`one_channel_conv`: a sum of kh*kw broadcast
       products forward (fenced off from XLA:CPU's YNNPACK fusion) and
@@ -209,8 +203,7 @@ class Conv(nn.Conv):
       kernels, which are slow for one input channel (quiet machine: LeNet5
       training 1.58x the examples/s of plain layers, PGD forward 3x).
 
-    Results equal ``nn.Conv``'s within float32 round-off (summation order);
-    :func:`tap_grad_conv`'s values are nn.Conv's own.
+    Results equal ``nn.Conv``'s within float32 round-off (summation order).
     """
 
     @nn.compact
@@ -225,18 +218,13 @@ class Conv(nn.Conv):
             x.shape[1] * x.shape[2] < kh * kw)
         one = (plain and ONE_CHANNEL_CONV and x.shape[-1] == 1
                and not small)
-        taps = (plain and TAP_KERNEL_GRAD and not (small or one)
-                and kh * kw <= 9 and _out_positions(
-                    x.shape, (kh, kw), self.padding) >= 36)
-        if not (small or one or taps):
+        if not (small or one):
             return super().__call__(x)
         kernel = self.param("kernel", self.kernel_init,
                             (kh, kw, x.shape[-1], self.features),
                             self.param_dtype)
         if small:
             y = _im2col_same_conv(x, kernel)
-        elif taps:
-            y = tap_grad_conv(x, kernel, self.padding)
         else:
             y = one_channel_conv(_same_pad(x, kernel.shape)
                                  if self.padding == "SAME" else x, kernel)
@@ -277,58 +265,6 @@ def _im2col_same_conv(x, kernel):
 # Off switch (A/B measurements, tests): False makes one-channel
 # convolutions take nn.Conv on CPU too.
 ONE_CHANNEL_CONV = True
-# Off switch (A/B measurements, tests): False gives the kernel gradient
-# of multi-channel convolutions back to XLA on CPU too.
-TAP_KERNEL_GRAD = True
-
-
-def _out_positions(shape, kernel, padding) -> int:
-    """Output positions per image of a stride-1 convolution."""
-    if padding == "SAME":
-        return shape[1] * shape[2]
-    return max(shape[1] - kernel[0] + 1, 0) * max(shape[2] - kernel[1] + 1, 0)
-
-
-def _xla_conv(x, kernel, padding):
-    return jax.lax.conv_general_dilated(
-        x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def tap_grad_conv(x, kernel, padding):
-    """Stride-1 NHWC/HWIO convolution (``padding`` "SAME" or "VALID") whose
-    value and input gradient are XLA's, and whose kernel gradient is one
-    (C, N) x (N, F) matmul per tap over the N = B*Ho*Wo output positions.
-
-    Measured on XLA:CPU (2 cores, batch 128, forward + both gradients):
-    VGG16's 32x32x64->64 layer 388 -> 300 ms, 16x16x128->128 192 -> 136,
-    8x8x256->256 130 -> 97; FaceNet's 64x64x3->32 240 -> 200; LeNet5's conv2
-    2.9 -> 2.7; VGG16's 4x4 maps unchanged. XLA:CPU's filter-gradient
-    convolution runs at about a third of its forward convolution's speed.
-    The JVP (``custom_jvp``, so forward mode, reverse mode, vmap and higher
-    derivatives work) is ``conv(t_x, k) + sum_ij x[:, i:, j:] @ t_k[i, j]``;
-    reverse mode runs its transposes. A tangent that is a symbolic zero
-    (gradients w.r.t. the input only, as in PGD) costs nothing.
-    """
-    return _xla_conv(x, kernel, padding)
-
-
-@functools.partial(tap_grad_conv.defjvp, symbolic_zeros=True)
-def _tap_grad_conv_jvp(padding, primals, tangents):
-    from jax.custom_derivatives import SymbolicZero
-    (x, kernel), (tx, tk) = primals, tangents
-    y = tap_grad_conv(x, kernel, padding)
-    dy = jnp.zeros_like(y)
-    if not isinstance(tx, SymbolicZero):
-        dy = dy + tap_grad_conv(tx, kernel, padding)
-    if not isinstance(tk, SymbolicZero):
-        kh, kw, c, f = kernel.shape
-        xp = _same_pad(x, kernel.shape) if padding == "SAME" else x
-        b, ho, wo = y.shape[:3]
-        dy = dy + sum(_shifted(xp, i, j, ho, wo).reshape(-1, c) @ tk[i, j]
-                      for i in range(kh) for j in range(kw)
-                      ).reshape(b, ho, wo, f)
-    return y, dy
 
 
 def _shifted(x, i, j, ho, wo):
