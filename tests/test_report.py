@@ -199,3 +199,32 @@ def test_failed_report_leaves_no_partial_directory(tmp_path):
     with pytest.raises(ValueError, match="alpha"):
         report.write_report(str(workdir), sk_version="o", sk_alpha=-1.0)
     assert sorted(os.listdir(workdir / "report")) == before
+
+
+def test_mixed_execution_is_named_and_warned(caplog):
+    """A cell whose seeds ran under different seed modes or backends (a
+    store put together from different runs) is reported with a warning
+    naming the seeds; records without ``execution`` (older stores) and
+    non-ok seeds are not compared."""
+    recs = []
+    for seed, mode in enumerate(("vmap", "vmap", "sequential")):
+        r = _rec("mnist", "genmunn", "GM", seed, acc=90.0)
+        r["execution"] = {"mode": mode, "backend": "cpu"}
+        recs.append(r)
+    assert tables.mixed_execution(recs) == (
+        "sequential on cpu: seed 2; vmap on cpu: seeds 0, 1")
+    assert tables.mixed_execution(recs[:2]) is None
+    assert tables.mixed_execution(recs[:2] + [_rec("mnist", "genmunn", "GM",
+                                                   2, acc=1.0)]) is None
+    failed = dict(recs[2], status="failure")
+    assert tables.mixed_execution(recs[:2] + [failed]) is None
+    gpu = dict(recs[1], execution={"mode": "vmap", "backend": "gpu"})
+    assert tables.mixed_execution([recs[0], gpu]) == (
+        "vmap on cpu: seed 0; vmap on gpu: seed 1")
+    with caplog.at_level("WARNING"):
+        tables.Grid.from_records(recs)
+    assert "GM / mnist: its seeds ran under different executions" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        tables.Grid.from_records(recs[:2])
+    assert "different executions" not in caplog.text

@@ -199,6 +199,25 @@ def _ordered(items: Iterable[str], preferred: Sequence[str]) -> list[str]:
     return known + [i for i in items if i.lower() not in rank]
 
 
+def mixed_execution(records: Sequence[Mapping]) -> str | None:
+    """``"vmap on cpu: seeds 0, 1; sequential on cpu: seed 2"`` when the
+    ok records of one cell ran under more than one (seed mode, backend),
+    else None. Older records without ``execution`` are not compared."""
+    groups: dict[str, list[int]] = {}
+    for r in records:
+        ex = r.get("execution")
+        if r.get("status") != "ok" or not isinstance(ex, Mapping) \
+                or "mode" not in ex:
+            continue
+        how = f"{ex['mode']} on {ex.get('backend', '?')}"
+        groups.setdefault(how, []).append(int(r["seed"]))
+    if len(groups) < 2:
+        return None
+    return "; ".join(
+        f"{how}: seed{'s' if len(s) > 1 else ''} "
+        + ", ".join(map(str, sorted(s))) for how, s in sorted(groups.items()))
+
+
 @dataclasses.dataclass
 class Grid:
     """Records arranged by (row = approach, column = dataset[/model])."""
@@ -231,8 +250,13 @@ class Grid:
         cells: dict[tuple[str, str], list[dict]] = {}
         for r in records:
             cells.setdefault((label(r), col(r)), []).append(r)
-        for recs in cells.values():
+        for (row, c), recs in cells.items():
             recs.sort(key=lambda r: r["seed"])
+            mixed = mixed_execution(recs)
+            if mixed:
+                logging.warning("%s / %s: its seeds ran under different "
+                                "executions (%s); a fixer's round-off can "
+                                "differ between them", row, c, mixed)
         datasets = _ordered([r["dataset"] for r in records], DATASET_ORDER)
         cols = []
         for d in datasets:

@@ -73,7 +73,13 @@ Timing: ``metrics.time_s`` is the wall-clock of one fixing run,
 compile events JAX reports during the run, via
 :class:`dlfix_jax.metrics.timing.Timer`) and ``time_execute_s`` the rest. A vmapped run's
 times are the batch's times divided by S (amortised per seed);
-``record["execution"]`` keeps the batch totals and the mode.
+``record["execution"]`` keeps the batch totals, the mode and the JAX
+backend. Neither is part of the cell key (they change how, not what, is
+computed), but they can change a fixer's float round-off: GenMuNN and
+I-Repair give different fixed models under vmap and sequential seeds
+(each mode deterministic). A cell's seeds always run together, in one
+mode; ``report`` warns about a cell whose records disagree (a store put
+together from different runs).
 
 Evaluation (:func:`dlfix_jax.metrics.evaluate.evaluate_models`): ACC, ⇑ACC,
 RR, NFR (repaired/broken counts) on the test split for every fixed model;
@@ -946,8 +952,8 @@ def _run_approach(spec, model, variables, dataset, problem, pcfg, config,
                             time_compile_s=out["time_compile_s"],
                             time_execute_s=out["time_execute_s"])
         r["info"] = info_summary(out["info"], spec=spec)
-        r["execution"] = {"mode": mode, "seeds_in_call": S if mode == "vmap"
-                          else 1}
+        r["execution"] = {"mode": mode, "backend": jax.default_backend(),
+                          "seeds_in_call": S if mode == "vmap" else 1}
         if "batch_time_s" in out:
             r["execution"].update(batch_time_s=out["batch_time_s"],
                                   batch_compile_s=out.get("batch_compile_s"))
