@@ -446,3 +446,53 @@ def test_artifact_study_config_points_at_the_study_model():
         os.path.join("fixingstudy", "mnist_lenet5_original.h5"))
     for name in fixers.names():
         assert name in c.fixers
+
+
+def test_ensembles_refuse_a_streamed_test_split_before_fixing(
+        tmp_path, base_dir, monkeypatch):
+    """Ensembles read the test split whole. With a streamed one (ImageNet's
+    kind) the study stops with an error naming the cause and the way out
+    before the approach that wants ensembles is fixed, and writes none of
+    its records; an approach without ensembles is evaluated streamed."""
+    import dataclasses
+    calls = []
+
+    def counted(key, problem, config):
+        calls.append(1)
+        return _perturb(key, problem, config)
+
+    real = runner._load_pair
+
+    def streamed_pair(*a, **kw):
+        model, variables, dataset, problem = real(*a, **kw)
+        test = dataset.test
+
+        class Stream:  # no ``x``: a streamed split
+            def __len__(self):
+                return len(test)
+
+            def __iter__(self):
+                for i in range(0, len(test), 64):
+                    yield test.take(slice(i, i + 64))
+
+        return (model, variables, dataclasses.replace(dataset, test=Stream()),
+                problem)
+
+    monkeypatch.setattr(runner, "_load_pair", streamed_pair)
+    spec = fixers_base.spec("fake_counted", counted, level="model",
+                            paper="fake (test)", default_config=_cfg(),
+                            vmappable=False, abbrev="FC")
+    with fixers_base.FIXERS.temporary(fake_counted=spec):
+        wd = _workdir(tmp_path, base_dir)
+        c = tiny_config(["fake_seq", "fake_counted"], num_seeds=1)
+        c.ensembles = "NO,SV"
+        c.ensemble_approaches = "fake_counted"
+        with pytest.raises(ValueError, match=r"ensembles need the test split "
+                           r"in memory; digits's is streamed \(turn them off "
+                           r"with --config.ensembles=\)"):
+            runner.run_study(c, str(wd))
+        assert not calls
+        recs = [json.loads(line) for line in
+                open(wd / "results.jsonl").read().splitlines()]
+        assert [r["approach"] for r in recs] == ["fake_seq"]
+        assert recs[0]["status"] == "ok" and recs[0]["metrics"]["acc"] > 0
