@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -37,6 +38,7 @@ def test_ra_two_seeds_writes_models_and_metrics(workdir):
     with open(path) as f:
         saved = json.load(f)
     assert saved["status"] == "ok" and len(saved["seeds"]) == 2
+    assert saved["backend"] == jax.default_backend()
     assert saved["fixer_config"]["num_passing"] == 50
     assert saved["fixer_config"]["margin"] == 0.05
     assert saved["orig"]["repair_failing"] > 0

@@ -216,6 +216,8 @@ def test_mixed_execution_is_named_and_warned(caplog):
     assert tables.mixed_execution(recs[:2]) is None
     assert tables.mixed_execution(recs[:2] + [_rec("mnist", "genmunn", "GM",
                                                    2, acc=1.0)]) is None
+    older = dict(recs[2], execution={"mode": "sequential"})  # no backend
+    assert tables.mixed_execution(recs[:2] + [older]) is None
     failed = dict(recs[2], status="failure")
     assert tables.mixed_execution(recs[:2] + [failed]) is None
     gpu = dict(recs[1], execution={"mode": "vmap", "backend": "gpu"})

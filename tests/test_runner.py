@@ -198,7 +198,8 @@ def test_statuses_and_metrics(tmp_path, base_dir):
             assert r["abbrev"] == n.upper()
         assert by[("fake_vmap", s)]["execution"]["mode"] == "vmap"
         assert by[("fake_seq", s)]["execution"]["mode"] == "sequential"
-        assert by[("fake_seq", s)]["execution"]["backend"] == jax.default_backend()
+        for n in ("fake_vmap", "fake_seq"):
+            assert by[(n, s)]["execution"]["backend"] == jax.default_backend()
         # Same key -> same fixed model, whether vmapped or not.
         mv, ms = by[("fake_vmap", s)]["metrics"], by[("fake_seq", s)]["metrics"]
         for k in ("acc", "rr", "nfr", "repaired", "broken"):

@@ -200,16 +200,17 @@ def _ordered(items: Iterable[str], preferred: Sequence[str]) -> list[str]:
 
 
 def mixed_execution(records: Sequence[Mapping]) -> str | None:
-    """``"vmap on cpu: seeds 0, 1; sequential on cpu: seed 2"`` when the
+    """``"sequential on cpu: seed 2; vmap on cpu: seeds 0, 1"`` when the
     ok records of one cell ran under more than one (seed mode, backend),
-    else None. Older records without ``execution`` are not compared."""
+    else None. Records without ``execution.mode`` or ``execution.backend``
+    (written before the backend was recorded) are not compared."""
     groups: dict[str, list[int]] = {}
     for r in records:
         ex = r.get("execution")
         if r.get("status") != "ok" or not isinstance(ex, Mapping) \
-                or "mode" not in ex:
+                or "mode" not in ex or "backend" not in ex:
             continue
-        how = f"{ex['mode']} on {ex.get('backend', '?')}"
+        how = f"{ex['mode']} on {ex['backend']}"
         groups.setdefault(how, []).append(int(r["seed"]))
     if len(groups) < 2:
         return None

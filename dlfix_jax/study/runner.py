@@ -78,8 +78,9 @@ backend. Neither is part of the cell key (they change how, not what, is
 computed), but they can change a fixer's float round-off: GenMuNN and
 I-Repair give different fixed models under vmap and sequential seeds
 (each mode deterministic). A cell's seeds always run together, in one
-mode; ``report`` warns about a cell whose records disagree (a store put
-together from different runs).
+mode; ``report`` warns about a cell whose records disagree (records from
+different runs: a store merged by hand, or a ``--force`` rerun with fewer
+seeds whose older higher seeds remain).
 
 Evaluation (:func:`dlfix_jax.metrics.evaluate.evaluate_models`): ACC, ⇑ACC,
 RR, NFR (repaired/broken counts) on the test split for every fixed model;

@@ -50,7 +50,8 @@ Record schema (the report reads exactly this; see ``dlfix_jax.study.runner``)::
                "time_s", "time_compile_s", "time_execute_s"},
    "ensembles": {"NO"|"SV"|"HV"|"UP"|"UD"|"US": {"acc", "rr", "nfr", "asr",
                  "aaod"}},                                     # optional
-   "fixer_config": {...}, "info": {...}, "execution": {...},
+   "fixer_config": {...}, "info": {...}, "execution": {"mode", "backend",
+   "seeds_in_call", "batch_time_s"?, "batch_compile_s"?},
    "version": str, "git_rev": str, "started": iso, "finished": iso}
 
 JSON has no NaN/Infinity, so :func:`json_safe` turns non-finite floats into
