@@ -108,14 +108,16 @@ class StreamedInputs:
                         "with an index array (x[idx])")
 
 
-def _is_streamed(split) -> bool:
+def is_streamed(split) -> bool:
+    """Whether a split is a stream of ``Split`` batches (ImageNet's test
+    split) rather than arrays in memory."""
     return not hasattr(split, "x") and hasattr(split, "__iter__")
 
 
 def test_batches(split):
     """A test split as an iterable of ``Split`` batches: the split itself
     (one batch) when in memory, else its stream."""
-    return split if _is_streamed(split) else [split]
+    return split if is_streamed(split) else [split]
 
 
 def _resolve_data(data, dataset_name):
@@ -123,7 +125,7 @@ def _resolve_data(data, dataset_name):
     streamed test split gives ``x`` = the stream and ``y = None``."""
     if hasattr(data, "test") and hasattr(data, "num_classes"):
         split = data.test
-        if _is_streamed(split):
+        if is_streamed(split):
             return (split, None, None, dataset_name or data.name,
                     data.num_classes)
         return (split.x, split.y, split.group, dataset_name or data.name,

@@ -486,7 +486,7 @@ def _combo_attack(name: str, model, temperature: float | None, steps: int,
 
 def _ensembles_need_memory(dataset) -> None:
     """Raises unless the test split is in memory (ensembles read it whole)."""
-    if not hasattr(dataset.test, "x"):
+    if evaluate_lib.is_streamed(dataset.test):
         raise ValueError(f"post-processing ensembles need the test split in "
                          f"memory; {dataset.name}'s is streamed (turn them "
                          f"off with --config.ensembles=)")
