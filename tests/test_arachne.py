@@ -290,3 +290,45 @@ def test_grad_scores_match_a_direct_gradient_and_compile_once():
     with timing.Timer() as t:
         _localize.grad_scores(model, variables, "dense2", x, y, batch_size=16)
     assert t.n_compiles == 0
+
+
+def test_tail_logits_both_forms_give_the_full_models_logits():
+    """``_fitness.tail_logits`` (Arachne's and NeuRecover's multi-layer
+    fitness) for genes in two Dense layers: the low-rank form and the
+    re-run matmul both give the full model's logits with the genes written
+    in, passed through jit as a pytree; the automatic rule takes low rank
+    for few genes of the earliest layer and the full form for many."""
+    model, variables, ds, problem = tiny_conv_problem()
+    params = variables["params"]
+    layers = ("dense1", "dense2")
+    d, u = np.shape(params["dense1"]["kernel"])
+    x = problem.passing.x
+    cache = _fitness.cache_layer(model, variables, "dense1", x)
+    logits = jax.jit(lambda v, s: _fitness.tail_logits(s, cache.h,
+                                                       cache.out)(v))
+    rng = np.random.default_rng(0)
+    for k1, want_low in ((3, True), (d + 10, False)):
+        lay = np.r_[np.zeros(k1, np.int32), np.ones(4, np.int32)]
+        f1 = rng.choice(d * u, k1, replace=False)
+        f2 = rng.choice(np.size(params["dense2"]["kernel"]), 4, replace=False)
+        idx = np.r_[np.stack(np.unravel_index(f1, (d, u)), 1),
+                    np.stack(np.unravel_index(
+                        f2, np.shape(params["dense2"]["kernel"])), 1)]
+        mask = masks.kernel_entries_mask(params, layers, lay, idx)
+        g = masks.indices_of(mask)
+        glay, rows, cols = masks.gene_coords(params, layers, g)
+        w0 = np.asarray(masks.gather(params, g), np.float32)
+        v = jnp.asarray(w0 + rng.normal(0, 0.2, w0.shape).astype(np.float32))
+        want = model.apply(masks.scatter_variables(variables, g, v), x)
+        auto = _fitness.tail_setup(model, variables, "dense1", mask, glay,
+                                   layers, rows, cols, w0)
+        assert auto.low_rank is want_low
+        for low in (True, False):
+            s = _fitness.tail_setup(model, variables, "dense1", mask, glay,
+                                    layers, rows, cols, w0, low_rank=low)
+            assert s.first_genes.size == (k1 if low else 0)
+            np.testing.assert_allclose(np.asarray(logits(v, s)),
+                                       np.asarray(want), rtol=1e-4,
+                                       atol=1e-5)
+        assert not np.allclose(np.asarray(want), np.asarray(
+            model.apply(variables, x)), atol=1e-3)   # the genes mattered

@@ -12,6 +12,17 @@ layer's output by ``h[:, rows] @ ((v - w0)[:, None] * onehot(cols))``:
 * for a hidden layer the rest of the network (the tail of
   :func:`~dlfix_jax.models.base.split_at`) runs on the changed output.
 
+Candidates over entries of **several** Dense kernels of a sequential model
+(:func:`tail_setup`, :func:`tail_logits`) change the earliest one's cached
+output the same low-rank way and run the rest of the model with the other
+entries scattered into its kernels. The low-rank term costs ``N k1 units``
+per candidate against ``N d units`` for re-running that layer's matmul, so
+it pays when that layer holds fewer than ``d`` genes; otherwise the layer's
+matmul is re-run (:data:`LOW_RANK_MAX_FRACTION`). NeuRecover and Arachne's
+``localisation="all"`` use it; GenMuNN's 1% of every kernel (173 genes in
+the study LeNet5's 144-input layer) would take the full form anyway and
+keeps its own Dense tail.
+
 :func:`candidate_logits` builds ``v -> logits`` (traceable, vmappable) and
 :func:`correct_score` is the Arachne-family per-set score
 ``N_correct + sum_{wrong} 1 / (CE + 1)``.
@@ -25,6 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flax import struct
+
+from dlfix_jax import masks
 from dlfix_jax.models import base as models_base
 
 
@@ -120,6 +134,142 @@ def candidate_logits(cache: LayerCache, rows, cols, w0):
 
     def logits(v):
         return tail.apply(tail_vars, out + hs @ ((v - w0)[:, None] * onehot))
+    return logits
+
+
+LOW_RANK_MAX_FRACTION = 1.0
+""":func:`tail_setup` takes the low-rank form when the earliest layer holds
+fewer genes than this fraction of its input width (``k1 < d``: fewer
+multiply-adds per candidate, ``N k1 units`` against ``N d units``).
+Measured on 2 CPU cores (``python -m benchmarks.tail_fitness``; the study's
+MNIST LeNet5, ``d`` = 144 inputs, 120 units; 5,000 inputs, a population of
+100 under ``lax.map``): low rank / full = 0.59 at ``k1`` = 0.02 d, 0.70 at
+0.2 d, 0.78 at 0.4 d, 0.89 at 0.6 d, 0.93 at 0.8 d, 1.05 at d, 1.43 at
+1.7 d (BENCHMARKS.md). GPU/TPU: the same rule by the count of multiply-adds, not
+measured there."""
+
+
+@struct.dataclass
+class TailSetup:
+    """How a candidate over kernel entries of several Dense layers is scored
+    from the cached input ``h`` and output ``out`` of the earliest one
+    (:func:`tail_setup`). A pytree: arrays are leaves (pass it to a jitted
+    function as an argument); the tail model, leaf positions and the form
+    are static.
+
+    Attributes:
+      first_genes: (k1,) positions in the candidate of the earliest layer's
+        entries when ``low_rank``, whose change enters as ``out + h[:, rows]
+        @ ((v - w0) onehot(cols))`` (as :func:`candidate_logits`); empty
+        otherwise.
+      rows, cols, w0: those entries' kernel positions and original values.
+      rest_genes: (k2,) positions of the other entries (every entry when not
+        ``low_rank``), scattered into ``tail_vars`` at :attr:`rest_idx`.
+      rest_flat: per leaf of ``tail_vars`` with genes, their flat positions.
+      tail_vars: the variables of ``tail``.
+      rest_leaves: (static) those leaves' positions in ``tail_vars``.
+      tail: (static) the model after the earliest layer (``low_rank``) or
+        from it on (it then re-runs that layer's matmul on ``h``).
+      low_rank: (static) which form.
+    """
+
+    first_genes: np.ndarray
+    rows: np.ndarray
+    cols: np.ndarray
+    w0: np.ndarray
+    rest_genes: np.ndarray
+    rest_flat: tuple
+    tail_vars: dict
+    rest_leaves: tuple = struct.field(pytree_node=False)
+    tail: models_base.Model = struct.field(pytree_node=False)
+    low_rank: bool = struct.field(pytree_node=False, default=True)
+
+    @property
+    def rest_idx(self) -> masks.Indices:
+        return masks.Indices(self.rest_leaves, tuple(self.rest_flat),
+                             int(sum(f.size for f in self.rest_flat)))
+
+
+def tail_setup(model: models_base.Model, variables: dict, first: str, mask,
+               genes_layer, layers, rows, cols, w0,
+               low_rank: bool | None = None) -> TailSetup:
+    """The host part of :func:`tail_logits` over the entries of ``mask``
+    (kernel entries of Dense layers of a sequential model, ``first`` the
+    earliest). The candidate's order is ``masks.indices_of(mask)``: gene
+    ``g`` is in ``layers[genes_layer[g]]`` at ``(rows[g], cols[g])`` with
+    original value ``w0[g]``. ``low_rank``: the form (None: low rank when
+    ``first`` holds fewer genes than :data:`LOW_RANK_MAX_FRACTION` times its
+    input width; both forms give the same logits up to rounding).
+
+    Raises:
+      AssertionError: the tail's gene order differs from the model's (a bug).
+    """
+    names = [s.name for s in model.layers]
+    at = names.index(first)
+    is_first = np.asarray([layers[i] == first for i in genes_layer], bool)
+    if low_rank is None:
+        d = np.shape(models_base.get_layer_params(
+            variables["params"], first)["kernel"])[0]
+        low_rank = bool(is_first.sum() < LOW_RANK_MAX_FRACTION * d)
+    rest_mask = jax.tree_util.tree_map(np.asarray, mask)
+    if low_rank:
+        _, tail = models_base.split_at(model, first, variables)
+        _, tail_vars = models_base.split_variables_at(model, first, variables)
+        rest_mask = models_base.set_layer_params(
+            rest_mask, first, jax.tree_util.tree_map(
+                np.zeros_like, models_base.get_layer_params(rest_mask, first)))
+        is_rest = ~is_first
+    elif at == 0:
+        tail, tail_vars = model, variables
+        is_rest = np.ones_like(is_first)
+    else:
+        _, tail = models_base.split_at(model, names[at - 1], variables)
+        _, tail_vars = models_base.split_variables_at(model, names[at - 1],
+                                                      variables)
+        is_rest = np.ones_like(is_first)
+    rest_idx = masks.indices_of(models_base.split_variables(
+        {"params": rest_mask}, [s.name for s in tail.layers])
+        .get("params", {}))
+    g_rest = masks.indices_of(rest_mask)
+    if (rest_idx.size != g_rest.size or len(rest_idx.flat) != len(g_rest.flat)
+            or not all(np.array_equal(a, b)
+                       for a, b in zip(rest_idx.flat, g_rest.flat))):
+        raise AssertionError("tail and model gene orders differ")
+    sel = np.flatnonzero(~is_rest).astype(np.int32)
+    return TailSetup(
+        first_genes=sel, rows=np.asarray(rows)[sel],
+        cols=np.asarray(cols)[sel], w0=np.asarray(w0, np.float32)[sel],
+        rest_genes=np.flatnonzero(is_rest).astype(np.int32),
+        rest_flat=tuple(rest_idx.flat), tail_vars=tail_vars,
+        rest_leaves=tuple(rest_idx.leaves), tail=tail, low_rank=low_rank)
+
+
+def tail_logits(setup: TailSetup, h, out):
+    """``v (k,) -> (N, C)`` logits of the model with the entries of
+    :func:`tail_setup` set to ``v``, from the earliest layer's cached input
+    ``h`` (N, d) and output ``out`` (N, units; unused unless
+    ``setup.low_rank``). Traceable, vmappable."""
+    rest_idx = setup.rest_idx
+    g2 = jnp.asarray(setup.rest_genes)
+    if setup.low_rank:
+        onehot = jax.nn.one_hot(jnp.asarray(setup.cols), out.shape[1],
+                                dtype=jnp.float32)
+        hs = jnp.asarray(h)[:, jnp.asarray(setup.rows)]
+        base_in = jnp.asarray(out)
+        w0 = jnp.asarray(setup.w0)
+        g1 = jnp.asarray(setup.first_genes)
+    else:
+        base_in = jnp.asarray(h)
+
+    def logits(v):
+        o = base_in
+        if setup.low_rank:
+            o = o + hs @ ((v[g1] - w0)[:, None] * onehot)
+        tv = setup.tail_vars
+        if rest_idx.size:
+            tv = masks.scatter_variables(tv, rest_idx, v[g2])
+        return setup.tail.apply(tv, o).astype(jnp.float32)
+
     return logits
 
 

@@ -83,10 +83,12 @@ bit-for-bit)
   are compared on their raw scales, as coinse's single front does.
   The DE then searches the localised weights of all those layers at once:
   if they are all in the logits layer, with today's cached-logits fitness;
-  otherwise the input of the earliest localised Dense layer is cached once
-  and a candidate runs the model from that layer on (``split_at``; the
-  multi-layer tail of :mod:`~dlfix_jax.fixers.genmunn`), one batched call
-  per generation. Initial values and bounds are per gene, from the gene's
+  otherwise the input and output of the earliest localised Dense layer are
+  cached once; a candidate changes that output by a low-rank term (its
+  genes there) and runs the rest of the model with its other genes written
+  in, or re-runs that layer's matmul when it holds as many genes as inputs
+  (:func:`~dlfix_jax.fixers._fitness.tail_setup`, shared with NeuRecover),
+  one batched call per generation. Initial values and bounds are per gene, from the gene's
   own layer's kernel (coinse's per-layer statistics). ``info
   ["localised_layer"]`` gives each gene's position in the Dense layers
   (always 0 with "last"). On the tiny test MLP the front falls entirely in
@@ -467,28 +469,24 @@ def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "tail", "leaves", "population", "max_generations", "patience", "cr",
-    "f_range", "patch_aggr", "num_positive", "form"))
-def _search_tail(key, tail_vars, flats, h_pos, y_pos, h_neg, y_neg, w0,
-                 mean, std, lo, hi, *, tail, leaves, population,
-                 max_generations, patience, cr, f_range, patch_aggr,
-                 num_positive, form):
-    """:func:`_search` over weights of several Dense layers: a candidate
-    runs ``tail`` (the model from the earliest localised layer on) on that
-    layer's cached inputs ``h``, with the genes scattered into
-    ``tail_vars``; ``mean``/``std``/``lo``/``hi`` are per gene."""
+    "population", "max_generations", "patience", "cr", "f_range",
+    "patch_aggr", "num_positive", "form"))
+def _search_tail(key, setup, h_pos, o_pos, y_pos, h_neg, o_neg, y_neg, w0,
+                 mean, std, lo, hi, *, population, max_generations, patience,
+                 cr, f_range, patch_aggr, num_positive, form):
+    """:func:`_search` over weights of several Dense layers (or of a hidden
+    one): a candidate's logits come from the earliest localised layer's
+    cached input ``h`` and output ``o`` through
+    :func:`_fitness.tail_logits` (``setup``, a :class:`_fitness.TailSetup`);
+    ``mean``/``std``/``lo``/``hi`` are per gene."""
     k_init, k_pos, k_de = jax.random.split(key, 3)
-    h_pos, y_pos = _fitness.sample_with_replacement(k_pos, num_positive,
-                                                    h_pos, y_pos)
-    idx = masks.Indices(leaves, tuple(flats), int(w0.shape[0]))
-
-    def logits(v, h):
-        return tail.apply(masks.scatter_variables(tail_vars, idx, v),
-                          h).astype(jnp.float32)
+    h_pos, o_pos, y_pos = _fitness.sample_with_replacement(
+        k_pos, num_positive, h_pos, o_pos, y_pos)
+    zp = _fitness.tail_logits(setup, h_pos, o_pos)
+    zn = _fitness.tail_logits(setup, h_neg, o_neg)
 
     def fitness(v):
-        return combine(logits(v, h_pos), y_pos, logits(v, h_neg), y_neg,
-                       patch_aggr, form)
+        return combine(zp(v), y_pos, zn(v), y_neg, patch_aggr, form)
 
     init = mean + std * jax.random.normal(k_init, (population, w0.shape[0]))
     res = search.de(k_de, fitness, init, lo, hi,
@@ -614,8 +612,9 @@ def fix(key: jax.Array, problem: base.Problem,
 def _fix_layers(key, model, variables, layers, lay, idx, negs, poss, y_pos,
                 y_neg, de_kw):
     """The search of ``localisation="all"`` when the localised weights span
-    several Dense layers (or a hidden one): forward from the earliest
-    localised layer's cached input through the rest of the model.
+    several Dense layers (or a hidden one): the earliest localised layer's
+    cached output changed by its genes (low rank), then the rest of the
+    model (:func:`_fitness.tail_setup`).
 
     Returns:
       ``(res, f_orig, mask, lay, idx)`` with ``lay``/``idx`` in gene order
@@ -633,24 +632,12 @@ def _fix_layers(key, model, variables, layers, lay, idx, negs, poss, y_pos,
     w0 = np.asarray(masks.gather(params, g_idx), np.float32)
 
     first = layers[int(lay.min())]
-    names = [s.name for s in model.layers]
-    at = names.index(first)
-    if at == 0:
-        tail, tail_vars = model, variables
-    else:
-        _, tail = models_base.split_at(model, names[at - 1], variables)
-        _, tail_vars = models_base.split_variables_at(model, names[at - 1],
-                                                      variables)
-    t_idx = masks.indices_of(models_base.split_variables(
-        {"params": mask}, [s.name for s in tail.layers])["params"])
-    if (t_idx.size != g_idx.size or len(t_idx.flat) != len(g_idx.flat)
-            or not all(np.array_equal(a, b)
-                       for a, b in zip(t_idx.flat, g_idx.flat))):
-        raise AssertionError("Arachne: tail and model gene orders differ")
+    setup = _fitness.tail_setup(model, variables, first, mask, lay, layers,
+                                rows, cols, w0)
+    pos, neg = poss[first], negs[first]
     res, f_orig = _search_tail(
-        key, tail_vars, tuple(jnp.asarray(f) for f in t_idx.flat),
-        jnp.asarray(poss[first].h), jnp.asarray(y_pos),
-        jnp.asarray(negs[first].h), jnp.asarray(y_neg), jnp.asarray(w0),
-        jnp.asarray(mean), jnp.asarray(std), jnp.asarray(lo),
-        jnp.asarray(hi), tail=tail, leaves=tuple(t_idx.leaves), **de_kw)
+        key, setup, jnp.asarray(pos.h), jnp.asarray(pos.out),
+        jnp.asarray(y_pos), jnp.asarray(neg.h), jnp.asarray(neg.out),
+        jnp.asarray(y_neg), jnp.asarray(w0), jnp.asarray(mean),
+        jnp.asarray(std), jnp.asarray(lo), jnp.asarray(hi), **de_kw)
     return res, f_orig, mask, lay, np.stack([rows, cols], axis=1)

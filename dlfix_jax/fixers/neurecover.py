@@ -72,9 +72,9 @@ final model, normally ``history[-1]``).
      layer's output by ``h[:, rows] @ ((v - w0) onehot(cols))`` (low rank,
      as ``_fitness.candidate_logits``) and runs the rest of the model
      (``models.base.split_at``) with its other entries scattered into the
-     later kernels (:func:`multi_layer_setup`, :func:`multi_layer_logits`;
-     the scheme of Arachne's ``localisation="all"``, without re-running
-     the first layer's full matmul). A non-sequential model whose ``L``
+     later kernels (:func:`dlfix_jax.fixers._fitness.tail_setup` and
+     ``tail_logits``, shared with Arachne's ``localisation="all"``; the
+     first layer's full matmul is not re-run). A non-sequential model whose ``L``
      leaves the logits layer runs the whole model from the raw inputs.
 5. The best vector is written into the localised kernel entries; every
    other parameter is bit-for-bit the original. ``FixResult.mask`` = the
@@ -160,7 +160,6 @@ Measured (2 CPU cores shared with other jobs, load 8-15)
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -496,113 +495,22 @@ def _search(key, h_pos, y_pos, z_pos, h_neg, y_neg, z_neg, rows, cols, w0,
     return res, fitness(w0)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class MultiLayerSetup:
-    """How a candidate over kernel entries of several Dense layers is
-    scored from the cached input ``h`` and output ``out`` of the earliest
-    one (``first``; :func:`multi_layer_setup`).
-
-    Attributes:
-      first_genes: (k1,) positions in the particle of ``first``'s entries,
-        whose change enters as ``out + h[:, rows] @ ((v - w0) onehot(cols))``
-        (as :func:`dlfix_jax.fixers._fitness.candidate_logits`).
-      rows, cols, w0: those entries' kernel positions and original values.
-      rest_genes: (k2,) positions of the other entries, scattered into the
-        parameters of ``tail`` (the model after ``first``) at ``rest_idx``.
-      tail, tail_vars: the model after ``first`` and its variables.
-    """
-
-    first_genes: np.ndarray
-    rows: np.ndarray
-    cols: np.ndarray
-    w0: np.ndarray
-    rest_genes: np.ndarray
-    rest_idx: masks.Indices
-    tail: models_base.Model
-    tail_vars: dict
-
-
-def multi_layer_setup(model, variables, first: str, mask, genes_layer,
-                      layers, rows, cols, w0) -> MultiLayerSetup:
-    """The host part of a candidate-logits function over the entries of
-    ``mask`` (kernel entries of Dense layers, ``first`` the earliest) of a
-    sequential model; the particle's order is ``masks.indices_of(mask)``,
-    gene ``g`` in ``layers[genes_layer[g]]`` at ``(rows[g], cols[g])``.
-
-    (Arachne's ``localisation="all"`` and GenMuNN score several Dense
-    kernels the same way but re-run the first layer's whole matmul; this
-    low-rank form belongs next to ``candidate_logits`` in
-    :mod:`dlfix_jax.fixers._fitness`.)
-    """
-    names = [s.name for s in model.layers]
-    is_first = np.asarray([layers[i] == first for i in genes_layer])
-    _, tail = models_base.split_at(model, first, variables)
-    _, tail_vars = models_base.split_variables_at(model, first, variables)
-    rest_mask = jax.tree_util.tree_map(np.asarray, mask)
-    rest_mask = models_base.set_layer_params(
-        rest_mask, first, jax.tree_util.tree_map(
-            np.zeros_like, models_base.get_layer_params(rest_mask, first)))
-    rest_idx = masks.indices_of(models_base.split_variables(
-        {"params": rest_mask}, names[names.index(first) + 1:])
-        .get("params", {}))
-    g_rest = masks.indices_of(rest_mask)
-    if (rest_idx.size != g_rest.size
-            or not all(np.array_equal(a, b)
-                       for a, b in zip(rest_idx.flat, g_rest.flat))):
-        raise AssertionError("NeuRecover: tail and model gene orders differ")
-    sel = np.flatnonzero(is_first).astype(np.int32)
-    return MultiLayerSetup(
-        sel, np.asarray(rows)[sel], np.asarray(cols)[sel],
-        np.asarray(w0, np.float32)[sel],
-        np.flatnonzero(~is_first).astype(np.int32), rest_idx, tail, tail_vars)
-
-
-def multi_layer_logits(setup: MultiLayerSetup, h, out):
-    """``v (k,) -> (N, C)`` logits of the model with the entries of
-    :func:`multi_layer_setup` set to ``v``, from the earliest layer's cached
-    input ``h`` (N, d) and output ``out`` (N, u). Traceable."""
-    units = out.shape[1]
-    onehot = jax.nn.one_hot(jnp.asarray(setup.cols), units,
-                            dtype=jnp.float32)
-    hs = jnp.asarray(h)[:, jnp.asarray(setup.rows)]
-    out = jnp.asarray(out)
-    w0 = jnp.asarray(setup.w0)
-    g1, g2 = jnp.asarray(setup.first_genes), jnp.asarray(setup.rest_genes)
-    tail_vars = setup.tail_vars
-
-    def logits(v):
-        o = out + hs @ ((v[g1] - w0)[:, None] * onehot)
-        tv = tail_vars
-        if setup.rest_idx.size:
-            tv = masks.scatter_variables(tail_vars, setup.rest_idx, v[g2])
-        return setup.tail.apply(tv, o).astype(jnp.float32)
-
-    return logits
-
-
 @functools.partial(jax.jit, static_argnames=(
-    "tail", "rest_leaves", "particles", "max_iterations", "phi", "patience",
-    "num_positive", "alpha"))
+    "particles", "max_iterations", "phi", "patience", "num_positive",
+    "alpha"))
 def _search_tail(key, h_pos, o_pos, y_pos, h_neg, o_neg, y_neg, w0, mean,
-                 std, v_min, v_max, arrays, *, tail, rest_leaves, particles,
-                 max_iterations, phi, patience, num_positive, alpha):
+                 std, v_min, v_max, setup, *, particles, max_iterations, phi,
+                 patience, num_positive, alpha):
     """The search over localised weights of several Dense layers (or of a
-    hidden one), scored by :func:`multi_layer_logits` from the earliest
-    localised layer's cached input and output; ``mean`` .. ``v_max`` are
-    per entry (each from its own layer's kernel). ``arrays`` holds the
-    array fields of a :class:`MultiLayerSetup` (``rest_flats``: its
-    ``rest_idx.flat``), ``tail`` and ``rest_leaves`` its static ones."""
-    flats = tuple(arrays["rest_flats"])
-    setup = MultiLayerSetup(
-        arrays["first_genes"], arrays["rows"], arrays["cols"], arrays["w0"],
-        arrays["rest_genes"],
-        masks.Indices(rest_leaves, flats, int(sum(f.size for f in flats))),
-        tail, arrays["tail_vars"])
+    hidden one), scored by :func:`_fitness.tail_logits` from the earliest
+    localised layer's cached input and output (``setup``, a
+    :class:`_fitness.TailSetup`); ``mean`` .. ``v_max`` are per entry (each
+    from its own layer's kernel)."""
     k_init, k_pos, k_pso = jax.random.split(key, 3)
     h_pos, o_pos, y_pos = _fitness.sample_with_replacement(
         k_pos, num_positive, h_pos, o_pos, y_pos)
-    zn = multi_layer_logits(setup, h_neg, o_neg)
-    zp = multi_layer_logits(setup, h_pos, o_pos)
+    zn = _fitness.tail_logits(setup, h_neg, o_neg)
+    zp = _fitness.tail_logits(setup, h_pos, o_pos)
 
     def fitness(v):
         return combine(zn(v), y_neg, zp(v) if y_pos.shape[0] else None,
@@ -759,8 +667,8 @@ def fix(key: jax.Array, problem: base.Problem,
     elif model.is_sequential:
         names = [s.name for s in model.layers]
         first = min(used, key=names.index)
-        setup = multi_layer_setup(model, variables, first, mask, lay, layers,
-                                  rows, cols, w0)
+        setup = _fitness.tail_setup(model, variables, first, mask, lay,
+                                    layers, rows, cols, w0)
         neg = _fitness.cache_layer(model, variables, first,
                                    problem.failing.x, bs)
         pos = _fitness.cache_layer(model, variables, first,
@@ -769,12 +677,7 @@ def fix(key: jax.Array, problem: base.Problem,
             key, jnp.asarray(pos.h), jnp.asarray(pos.out), jnp.asarray(y_pos),
             jnp.asarray(neg.h), jnp.asarray(neg.out), jnp.asarray(y_neg),
             jnp.asarray(w0), jnp.asarray(mean), jnp.asarray(std),
-            jnp.asarray(v_min), jnp.asarray(v_max),
-            dict(first_genes=setup.first_genes, rows=setup.rows,
-                 cols=setup.cols, w0=setup.w0, rest_genes=setup.rest_genes,
-                 rest_flats=tuple(setup.rest_idx.flat),
-                 tail_vars=setup.tail_vars),
-            tail=setup.tail, rest_leaves=tuple(setup.rest_idx.leaves), **kw)
+            jnp.asarray(v_min), jnp.asarray(v_max), setup, **kw)
     else:
         res, f_orig = _search_full(
             key, variables, tuple(jnp.asarray(f) for f in g_idx.flat),
