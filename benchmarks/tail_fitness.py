@@ -21,8 +21,8 @@ After one compiling call each, ``--rounds`` rounds alternate the forms
 
 The model is ``--model``, else the study's MNIST LeNet5
 (``fixingstudy/mnist_lenet5_original.h5`` under the data directory: d =
-256), else the zoo LeNet5 (d = 144). The weights and inputs only set
-shapes here.
+144), else the zoo LeNet5 (the same shapes). The weights and inputs only
+set shapes here.
 """
 
 import json
@@ -100,14 +100,11 @@ def main(argv):
             for s, k in zip(shapes, (k1, FLAGS.k2))])
         mask = masks.kernel_entries_mask(params, layers, lay, idx)
         g = masks.indices_of(mask)
-        glay, r, c = masks.gene_coords(params, layers, g)
         w0 = np.asarray(masks.gather(params, g), np.float32)
         pop = jnp.asarray(w0 + 0.01 * rng.standard_normal(
             (FLAGS.population, w0.size)).astype(np.float32))
-        auto = _fitness.tail_setup(model, variables, layers[0], mask, glay,
-                                   layers, r, c, w0).low_rank
-        setups = {low: _fitness.tail_setup(model, variables, layers[0],
-                                           mask, glay, layers, r, c, w0,
+        auto = _fitness.tail_setup(model, variables, mask, layers).low_rank
+        setups = {low: _fitness.tail_setup(model, variables, mask, layers,
                                            low_rank=low)
                   for low in (True, False)}
 
@@ -126,7 +123,7 @@ def main(argv):
                 jax.block_until_ready(score(pop, s))
                 best[low] = min(best[low], time.perf_counter() - t0)
         diff = float(jnp.max(jnp.abs(outs[True] - outs[False])
-                             / (jnp.abs(outs[False]) + 1e-6)))
+                             / (jnp.abs(outs[False]) + 1e-6)))  # of sums
         row = {"d": int(d), "k1": k1, "k2": FLAGS.k2, "n": FLAGS.n,
                "population": FLAGS.population,
                "low_rank_ms": 1e3 * best[True], "full_ms": 1e3 * best[False],

@@ -9,6 +9,7 @@ import dlfix_jax.fixers as fixers
 from dlfix_jax import masks, search
 from dlfix_jax.fixers import _fitness, _localize, arachne
 from dlfix_jax.models import zoo
+from dlfix_jax.models.layers import spec
 from tests.fixtures import info_of
 from tests.fixtures import tiny_mlp_problem as tiny_problem
 
@@ -292,43 +293,58 @@ def test_grad_scores_match_a_direct_gradient_and_compile_once():
     assert t.n_compiles == 0
 
 
-def test_tail_logits_both_forms_give_the_full_models_logits():
-    """``_fitness.tail_logits`` (Arachne's and NeuRecover's multi-layer
-    fitness) for genes in two Dense layers: the low-rank form and the
-    re-run matmul both give the full model's logits with the genes written
-    in, passed through jit as a pytree; the automatic rule takes low rank
-    for few genes of the earliest layer and the full form for many."""
-    model, variables, ds, problem = tiny_conv_problem()
+def _check_tail_forms(model, variables, x, k1_low):
+    """Genes in the first two Dense layers: ``k1`` in the first (low rank
+    expected for ``k1_low``, the full form at ``k1 = d`` and beyond) and 4 in
+    the second; both forms, through jit as a pytree, give the full model's
+    logits with the genes written in."""
     params = variables["params"]
-    layers = ("dense1", "dense2")
-    d, u = np.shape(params["dense1"]["kernel"])
-    x = problem.passing.x
-    cache = _fitness.cache_layer(model, variables, "dense1", x)
+    layers = tuple(s.name for s in model.layers if s.kind == "dense")[:2]
+    shapes = [np.shape(params[n]["kernel"]) for n in layers]
+    d = shapes[0][0]
+    cache = _fitness.cache_layer(model, variables, layers[0], x)
     logits = jax.jit(lambda v, s: _fitness.tail_logits(s, cache.h,
                                                        cache.out)(v))
     rng = np.random.default_rng(0)
-    for k1, want_low in ((3, True), (d + 10, False)):
+    for k1, want_low in ((k1_low, True), (d, False), (d + 3, False)):
         lay = np.r_[np.zeros(k1, np.int32), np.ones(4, np.int32)]
-        f1 = rng.choice(d * u, k1, replace=False)
-        f2 = rng.choice(np.size(params["dense2"]["kernel"]), 4, replace=False)
-        idx = np.r_[np.stack(np.unravel_index(f1, (d, u)), 1),
-                    np.stack(np.unravel_index(
-                        f2, np.shape(params["dense2"]["kernel"])), 1)]
+        idx = np.concatenate([
+            np.stack(np.unravel_index(rng.choice(int(np.prod(s)), k,
+                                                 replace=False), s), 1)
+            for s, k in zip(shapes, (k1, 4))])
         mask = masks.kernel_entries_mask(params, layers, lay, idx)
         g = masks.indices_of(mask)
-        glay, rows, cols = masks.gene_coords(params, layers, g)
         w0 = np.asarray(masks.gather(params, g), np.float32)
         v = jnp.asarray(w0 + rng.normal(0, 0.2, w0.shape).astype(np.float32))
         want = model.apply(masks.scatter_variables(variables, g, v), x)
-        auto = _fitness.tail_setup(model, variables, "dense1", mask, glay,
-                                   layers, rows, cols, w0)
-        assert auto.low_rank is want_low
+        auto = _fitness.tail_setup(model, variables, mask, layers)
+        assert auto.low_rank is want_low and auto.layer == layers[0]
         for low in (True, False):
-            s = _fitness.tail_setup(model, variables, "dense1", mask, glay,
-                                    layers, rows, cols, w0, low_rank=low)
+            s = _fitness.tail_setup(model, variables, mask, layers,
+                                    low_rank=low)
             assert s.first_genes.size == (k1 if low else 0)
             np.testing.assert_allclose(np.asarray(logits(v, s)),
                                        np.asarray(want), rtol=1e-4,
                                        atol=1e-5)
         assert not np.allclose(np.asarray(want), np.asarray(
             model.apply(variables, x)), atol=1e-3)   # the genes mattered
+
+
+def test_tail_logits_both_forms_give_the_full_models_logits():
+    """``_fitness.tail_logits`` (Arachne's and NeuRecover's multi-layer
+    fitness): the low-rank form and the re-run matmul give the full model's
+    logits, after a flatten (tiny conv net) and with the first Dense layer
+    on the raw input (the tail is then the whole model); the automatic rule
+    takes low rank below ``d`` genes in the earliest layer."""
+    model, variables, ds, problem = tiny_conv_problem()
+    _check_tail_forms(model, variables, problem.passing.x, 3)
+    mlp = zoo.sequential("mlp_flat", [
+        spec("dense", "dense1", features=16), spec("relu", "relu1"),
+        spec("dense", "dense2", features=10)], (8,), 10)
+    x = np.random.default_rng(1).normal(size=(50, 8)).astype(np.float32)
+    _check_tail_forms(mlp, mlp.init(jax.random.key(0)), x, 3)
+    with pytest.raises(ValueError, match="selects no kernel entry"):
+        _fitness.tail_setup(mlp, mlp.init(jax.random.key(0)),
+                            masks.empty_mask(
+                                mlp.init(jax.random.key(0))["params"]),
+                            ("dense1", "dense2"))

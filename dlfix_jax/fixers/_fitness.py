@@ -35,7 +35,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from flax import struct
 
 from dlfix_jax import masks
@@ -145,8 +144,8 @@ Measured on 2 CPU cores (``python -m benchmarks.tail_fitness``; the study's
 MNIST LeNet5, ``d`` = 144 inputs, 120 units; 5,000 inputs, a population of
 100 under ``lax.map``): low rank / full = 0.59 at ``k1`` = 0.02 d, 0.70 at
 0.2 d, 0.78 at 0.4 d, 0.89 at 0.6 d, 0.93 at 0.8 d, 1.05 at d, 1.43 at
-1.7 d (BENCHMARKS.md). GPU/TPU: the same rule by the count of multiply-adds, not
-measured there."""
+1.7 d (BENCHMARKS.md). GPU/TPU: the same rule by the count of
+multiply-adds, not measured there."""
 
 
 @struct.dataclass
@@ -162,11 +161,15 @@ class TailSetup:
         entries when ``low_rank``, whose change enters as ``out + h[:, rows]
         @ ((v - w0) onehot(cols))`` (as :func:`candidate_logits`); empty
         otherwise.
-      rows, cols, w0: those entries' kernel positions and original values.
+      rows, cols, w0: those entries' kernel positions and original values
+        (empty when not ``low_rank``).
       rest_genes: (k2,) positions of the other entries (every entry when not
         ``low_rank``), scattered into ``tail_vars`` at :attr:`rest_idx`.
-      rest_flat: per leaf of ``tail_vars`` with genes, their flat positions.
+      rest_flat: per leaf of ``tail_vars["params"]`` with genes, their flat
+        positions.
       tail_vars: the variables of ``tail``.
+      layer: (static) the earliest layer holding genes, whose cached input
+        and output :func:`tail_logits` takes.
       rest_leaves: (static) those leaves' positions in ``tail_vars``.
       tail: (static) the model after the earliest layer (``low_rank``) or
         from it on (it then re-runs that layer's matmul on ``h``).
@@ -180,9 +183,10 @@ class TailSetup:
     rest_genes: np.ndarray
     rest_flat: tuple
     tail_vars: dict
+    layer: str = struct.field(pytree_node=False)
     rest_leaves: tuple = struct.field(pytree_node=False)
     tail: models_base.Model = struct.field(pytree_node=False)
-    low_rank: bool = struct.field(pytree_node=False, default=True)
+    low_rank: bool = struct.field(pytree_node=False)
 
     @property
     def rest_idx(self) -> masks.Indices:
@@ -190,26 +194,32 @@ class TailSetup:
                              int(sum(f.size for f in self.rest_flat)))
 
 
-def tail_setup(model: models_base.Model, variables: dict, first: str, mask,
-               genes_layer, layers, rows, cols, w0,
+def tail_setup(model: models_base.Model, variables: dict, mask, layers,
                low_rank: bool | None = None) -> TailSetup:
     """The host part of :func:`tail_logits` over the entries of ``mask``
-    (kernel entries of Dense layers of a sequential model, ``first`` the
-    earliest). The candidate's order is ``masks.indices_of(mask)``: gene
-    ``g`` is in ``layers[genes_layer[g]]`` at ``(rows[g], cols[g])`` with
-    original value ``w0[g]``. ``low_rank``: the form (None: low rank when
-    ``first`` holds fewer genes than :data:`LOW_RANK_MAX_FRACTION` times its
-    input width; both forms give the same logits up to rounding).
+    (kernel entries of the Dense layers ``layers`` of a sequential model).
+    The candidate's order is ``masks.indices_of(mask)``; the earliest layer
+    holding genes is the one whose input and output are cached.
+    ``low_rank``: the form (None: low rank when that layer holds fewer
+    genes than :data:`LOW_RANK_MAX_FRACTION` times its input width; both
+    forms give the same logits up to rounding).
 
     Raises:
+      ValueError: ``mask`` selects nothing.
       AssertionError: the tail's gene order differs from the model's (a bug).
     """
+    params = variables["params"]
+    g_idx = masks.indices_of(mask)
+    if g_idx.size == 0:
+        raise ValueError("tail_setup: the mask selects no kernel entry")
+    genes_layer, rows, cols = masks.gene_coords(params, layers, g_idx)
+    w0 = np.asarray(masks.gather(params, g_idx), np.float32)
     names = [s.name for s in model.layers]
+    first = min({layers[i] for i in genes_layer}, key=names.index)
     at = names.index(first)
     is_first = np.asarray([layers[i] == first for i in genes_layer], bool)
     if low_rank is None:
-        d = np.shape(models_base.get_layer_params(
-            variables["params"], first)["kernel"])[0]
+        d = np.shape(models_base.get_layer_params(params, first)["kernel"])[0]
         low_rank = bool(is_first.sum() < LOW_RANK_MAX_FRACTION * d)
     rest_mask = jax.tree_util.tree_map(np.asarray, mask)
     if low_rank:
@@ -234,21 +244,21 @@ def tail_setup(model: models_base.Model, variables: dict, first: str, mask,
     if (rest_idx.size != g_rest.size or len(rest_idx.flat) != len(g_rest.flat)
             or not all(np.array_equal(a, b)
                        for a, b in zip(rest_idx.flat, g_rest.flat))):
-        raise AssertionError("tail and model gene orders differ")
+        raise AssertionError("_fitness.tail_setup: tail and model gene "
+                             "orders differ")
     sel = np.flatnonzero(~is_rest).astype(np.int32)
     return TailSetup(
-        first_genes=sel, rows=np.asarray(rows)[sel],
-        cols=np.asarray(cols)[sel], w0=np.asarray(w0, np.float32)[sel],
+        first_genes=sel, rows=rows[sel], cols=cols[sel], w0=w0[sel],
         rest_genes=np.flatnonzero(is_rest).astype(np.int32),
-        rest_flat=tuple(rest_idx.flat), tail_vars=tail_vars,
+        rest_flat=tuple(rest_idx.flat), tail_vars=tail_vars, layer=first,
         rest_leaves=tuple(rest_idx.leaves), tail=tail, low_rank=low_rank)
 
 
 def tail_logits(setup: TailSetup, h, out):
     """``v (k,) -> (N, C)`` logits of the model with the entries of
-    :func:`tail_setup` set to ``v``, from the earliest layer's cached input
-    ``h`` (N, d) and output ``out`` (N, units; unused unless
-    ``setup.low_rank``). Traceable, vmappable."""
+    :func:`tail_setup` set to ``v``, from the cached input ``h`` (N, d) and
+    output ``out`` (N, units; unused unless ``setup.low_rank``) of
+    ``setup.layer``. Traceable, vmappable."""
     rest_idx = setup.rest_idx
     g2 = jnp.asarray(setup.rest_genes)
     if setup.low_rank:

@@ -86,12 +86,12 @@ bit-for-bit)
   otherwise the input and output of the earliest localised Dense layer are
   cached once; a candidate changes that output by a low-rank term (its
   genes there) and runs the rest of the model with its other genes written
-  in, or re-runs that layer's matmul when it holds as many genes as inputs
-  (:func:`~dlfix_jax.fixers._fitness.tail_setup`, shared with NeuRecover),
-  one batched call per generation. Initial values and bounds are per gene, from the gene's
-  own layer's kernel (coinse's per-layer statistics). ``info
-  ["localised_layer"]`` gives each gene's position in the Dense layers
-  (always 0 with "last"). On the tiny test MLP the front falls entirely in
+  in, or re-runs that layer's matmul when it holds at least as many genes
+  as inputs (:func:`~dlfix_jax.fixers._fitness.tail_setup`, shared with
+  NeuRecover), one batched call per generation. Initial values and bounds
+  are per gene, from the gene's own layer's kernel (coinse's per-layer
+  statistics). ``info["localised_layer"]`` gives each gene's position in
+  the Dense layers (always 0 with "last"). On the tiny test MLP the front falls entirely in
   the logits layer; on the tiny conv net (``localiser="coinse"``) it spans
   both Dense layers.
 * ``localiser="coinse"`` (coinse ``run_localise.localise_by_chgd_unchgd``,
@@ -613,8 +613,9 @@ def _fix_layers(key, model, variables, layers, lay, idx, negs, poss, y_pos,
                 y_neg, de_kw):
     """The search of ``localisation="all"`` when the localised weights span
     several Dense layers (or a hidden one): the earliest localised layer's
-    cached output changed by its genes (low rank), then the rest of the
-    model (:func:`_fitness.tail_setup`).
+    cached output changed by its genes (low rank), or its matmul re-run on
+    its cached input when it holds at least as many genes as inputs, then
+    the rest of the model (:func:`_fitness.tail_setup`).
 
     Returns:
       ``(res, f_orig, mask, lay, idx)`` with ``lay``/``idx`` in gene order
@@ -631,10 +632,8 @@ def _fix_layers(key, model, variables, layers, lay, idx, negs, poss, y_pos,
     hi = per_gene(lambda n, i, k: np.full(k.shape, bounds(k)[1]))
     w0 = np.asarray(masks.gather(params, g_idx), np.float32)
 
-    first = layers[int(lay.min())]
-    setup = _fitness.tail_setup(model, variables, first, mask, lay, layers,
-                                rows, cols, w0)
-    pos, neg = poss[first], negs[first]
+    setup = _fitness.tail_setup(model, variables, mask, layers)
+    pos, neg = poss[setup.layer], negs[setup.layer]
     res, f_orig = _search_tail(
         key, setup, jnp.asarray(pos.h), jnp.asarray(pos.out),
         jnp.asarray(y_pos), jnp.asarray(neg.h), jnp.asarray(neg.out),

@@ -73,9 +73,11 @@ final model, normally ``history[-1]``).
      as ``_fitness.candidate_logits``) and runs the rest of the model
      (``models.base.split_at``) with its other entries scattered into the
      later kernels (:func:`dlfix_jax.fixers._fitness.tail_setup` and
-     ``tail_logits``, shared with Arachne's ``localisation="all"``; the
-     first layer's full matmul is not re-run). A non-sequential model whose ``L``
-     leaves the logits layer runs the whole model from the raw inputs.
+     ``tail_logits``, shared with Arachne's ``localisation="all"``); that
+     layer's matmul is re-run instead only when it holds at least as many
+     genes as it has inputs (``_fitness.LOW_RANK_MAX_FRACTION``). A
+     non-sequential model whose ``L`` leaves the logits layer runs the
+     whole model from the raw inputs.
 5. The best vector is written into the localised kernel entries; every
    other parameter is bit-for-bit the original. ``FixResult.mask`` = the
    localised entries; ``info["localised_layer"]`` gives each entry's
@@ -665,10 +667,8 @@ def fix(key: jax.Array, problem: base.Problem,
             jnp.asarray(w0), jnp.asarray(mean), jnp.asarray(std),
             jnp.asarray(v_min), jnp.asarray(v_max), **kw)
     elif model.is_sequential:
-        names = [s.name for s in model.layers]
-        first = min(used, key=names.index)
-        setup = _fitness.tail_setup(model, variables, first, mask, lay,
-                                    layers, rows, cols, w0)
+        setup = _fitness.tail_setup(model, variables, mask, layers)
+        first = setup.layer
         neg = _fitness.cache_layer(model, variables, first,
                                    problem.failing.x, bs)
         pos = _fitness.cache_layer(model, variables, first,
