@@ -18,10 +18,9 @@ output the same low-rank way and run the rest of the model with the other
 entries scattered into its kernels. The low-rank term costs ``N k1 units``
 per candidate against ``N d units`` for re-running that layer's matmul, so
 it pays when that layer holds fewer than ``d`` genes; otherwise the layer's
-matmul is re-run (:data:`LOW_RANK_MAX_FRACTION`). NeuRecover and Arachne's
-``localisation="all"`` use it; GenMuNN's 1% of every kernel (173 genes in
-the study LeNet5's 144-input layer) would take the full form anyway and
-keeps its own Dense tail.
+matmul is re-run (:data:`LOW_RANK_MAX_FRACTION`). NeuRecover, Arachne's
+``localisation="all"`` and GenMuNN use it (GenMuNN's 1% of every kernel is
+173 genes in the study LeNet5's 144-input layer: the full form there).
 
 :func:`candidate_logits` builds ``v -> logits`` (traceable, vmappable) and
 :func:`correct_score` is the Arachne-family per-set score

@@ -64,13 +64,16 @@ tie-break and the validation gate are ours.
 
 Scope (ours): **Dense kernels only** (the spec allows conv kernels too). In
 a sequential model the Dense layers form a tail from the first Dense layer
-on; its input is computed once per input (cached, as
-:mod:`dlfix_jax.fixers._fitness`) and a candidate runs only that tail, so a
-generation costs one batched tail pass, not a full forward pass. A
-non-sequential model (ResNet18, DenseNet121) has one Dense layer, the
-logits layer, repaired with the cached-logits update of Arachne
-(:func:`~dlfix_jax.fixers._fitness.candidate_logits`). Memory: the tail's
-Dense kernels are materialised once per child (40 copies).
+on; its input and output are computed once per input (cached) and a
+candidate runs only that tail (:func:`dlfix_jax.fixers._fitness.tail_setup`,
+shared with NeuRecover and Arachne: the first Dense layer's change enters
+as a low-rank term when it holds fewer genes than inputs, else its matmul
+is re-run), so a generation costs one batched tail pass, not a full
+forward pass. A non-sequential model (ResNet18, DenseNet121) has one Dense
+layer, the logits layer, repaired with the cached-logits update of Arachne
+(:func:`~dlfix_jax.fixers._fitness.candidate_logits`). Memory: scoring a
+candidate materialises the tail's Dense kernels (all 40 children at once
+under ``vmap``, one at a time under ``lax.map``).
 
 What the study observed for GM: it barely changed the models (RR 3.49 on
 MNIST, 0 elsewhere; NFR <= 0.03) and was slow (2h25m - 52h17m), which looks
@@ -206,17 +209,19 @@ def applicable(info: base.ProblemInfo) -> str | None:
 # ---------------------------------------------------------------------------
 
 def _cache(model, variables, layer: str, source, batch_size: int):
-    """``(h, logits, y)`` of :func:`_fitness.cache_layer` over a Source (in
-    memory or streamed), batch by batch."""
-    hs, zs, ys = [], [], []
+    """``(h, out, logits, y)`` of :func:`_fitness.cache_layer` over a Source
+    (in memory or streamed), batch by batch."""
+    hs, os_, zs, ys = [], [], [], []
     for b in source.ordered(batch_size):
         c = _fitness.cache_layer(model, variables, layer, b.x, batch_size)
         hs.append(c.h)
+        os_.append(c.out)
         zs.append(c.logits)
         ys.append(np.asarray(b.y, np.int32))
     if not hs:
         raise ValueError(f"the {source.name or 'validation'} split is empty")
-    return np.concatenate(hs), np.concatenate(zs), np.concatenate(ys)
+    return (np.concatenate(hs), np.concatenate(os_), np.concatenate(zs),
+            np.concatenate(ys))
 
 
 def _tail(model, variables, cut):
@@ -306,41 +311,36 @@ def localise(model, variables, layers, cut, h_neg, y_neg, fraction: float
 # Fitness and search (pure JAX)
 # ---------------------------------------------------------------------------
 
-def _logits_fn(tail, tail_vars, leaves, flats, w0, single):
-    """``(d (k,), h, z0) -> logits`` of the model with the selected
-    weights set to ``w0 + d``. ``single``: (rows, cols) of the logits layer
-    (non-sequential case, Arachne's cached-logits update)."""
-    if tail is None:
+def _set_logits(setup, single, w0, h, b):
+    """``d (k,) -> logits`` on one cached set, with the selected weights set
+    to ``w0 + d``: through the Dense tail (``setup``, a
+    :class:`_fitness.TailSetup`; ``b`` the first Dense layer's cached
+    output) or, for a non-sequential model, the cached-logits update of the
+    logits layer (``single`` = its (rows, cols); ``b`` the cached logits)."""
+    if setup is None:
         rows, cols = single
-
-        def logits(d, h, z0):
-            cache = _fitness.LayerCache("", h, z0, z0)
-            return _fitness.candidate_logits(cache, rows, cols, w0)(w0 + d)
-        return logits
-
-    idx = masks.Indices(leaves, tuple(flats), int(w0.shape[0]))
-
-    def logits(d, h, z0):
-        del z0
-        return tail.apply(masks.scatter_variables(tail_vars, idx, w0 + d),
-                          h).astype(jnp.float32)
-    return logits
+        fn = _fitness.candidate_logits(_fitness.LayerCache("", h, b, b),
+                                       rows, cols, w0)
+    else:
+        fn = _fitness.tail_logits(setup, h, b)
+    return lambda d: fn(w0 + d)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "tail", "full_leaves", "leaves", "population", "n_parents",
-    "max_generations", "patience", "mut_prob", "cx_prob"))
-def _search(key, params, full_flats, tail_vars, flats, rows, cols, w0, sigma,
-            h_rep, z_rep, y_rep, is_pos, h_val, z_val, y_val, *, tail,
-            full_leaves, leaves, population, n_parents, max_generations,
-            patience, mut_prob, cx_prob):
-    single = (rows, cols) if tail is None else None
-    logits = _logits_fn(tail, tail_vars, leaves, flats, w0, single)
+    "full_leaves", "population", "n_parents", "max_generations", "patience",
+    "mut_prob", "cx_prob"))
+def _search(key, params, full_flats, setup, rows, cols, w0, sigma, h_rep,
+            b_rep, y_rep, is_pos, h_val, b_val, y_val, *, full_leaves,
+            population, n_parents, max_generations, patience, mut_prob,
+            cx_prob):
+    single = (rows, cols) if setup is None else None
+    rep_logits = _set_logits(setup, single, w0, h_rep, b_rep)
+    val_logits = _set_logits(setup, single, w0, h_val, b_val)
     n = y_rep.shape[0]
     n_pos = jnp.maximum(jnp.sum(is_pos), 1)
 
     def repair_terms(d):
-        ok = jnp.argmax(logits(d, h_rep, z_rep), axis=-1) == y_rep
+        ok = jnp.argmax(rep_logits(d), axis=-1) == y_rep
         acc = jnp.mean(ok.astype(jnp.float32))
         nfr = jnp.sum(is_pos & ~ok) / n_pos
         return acc + (1.0 - nfr) / (n + 1.0), acc
@@ -351,7 +351,7 @@ def _search(key, params, full_flats, tail_vars, flats, rows, cols, w0, sigma,
     def evaluate(d):
         """(fitness, repair accuracy, validation accuracy) of one delta."""
         f, acc = repair_terms(d)
-        ok = jnp.argmax(logits(d, h_val, z_val), axis=-1) == y_val
+        ok = jnp.argmax(val_logits(d), axis=-1) == y_val
         return f, acc, jnp.mean(ok.astype(jnp.float32))
 
     k_init, k_ga = jax.random.split(key)
@@ -365,7 +365,7 @@ def _search(key, params, full_flats, tail_vars, flats, rows, cols, w0, sigma,
         cx_prob=cx_prob, mut_prob=mut_prob, sigma=sigma, n_elite=n_parents,
         selection="truncation", n_parents=n_parents, patience=patience,
         return_state=True,
-        population_strategy=seed_axis.population_strategy(tail is None))
+        population_strategy=seed_axis.population_strategy(setup is None))
     # Validation gate over the last population (elites first; it holds the
     # best mutant): the fittest that beats the original and keeps the
     # validation accuracy. The original, the best mutant and the last
@@ -430,7 +430,8 @@ def fix(key: jax.Array, problem: base.Problem,
     first = layers[0]
     neg = _fitness.cache_layer(model, variables, first, problem.failing.x, bs)
     pos = _fitness.cache_layer(model, variables, first, problem.passing.x, bs)
-    h_val, z_val, y_val = _cache(model, variables, first, problem.valid, bs)
+    h_val, o_val, z_val, y_val = _cache(model, variables, first,
+                                        problem.valid, bs)
     base.check_finite(
         {"failing": neg.h, "passing": pos.h, "valid": h_val,
          "valid_logits": z_val},
@@ -446,33 +447,30 @@ def fix(key: jax.Array, problem: base.Problem,
     sigma = masks.per_gene(params, layers, lambda n, i, k: np.full(
         k.shape, float(config.sigma_scale) * float(np.std(k))), idx)
     lay, rows, cols = masks.gene_coords(params, layers, idx)
-    tail, tail_vars = _tail(model, variables, cut)
-    if tail is None:
-        leaves, flats = (), ()
-    else:
-        t_idx = masks.indices_of(
-            models_base.split_variables({"params": mask},
-                                        [s.name for s in tail.layers])
-            ["params"])
-        leaves, flats = t_idx.leaves, t_idx.flat
-        if (t_idx.size != idx.size or len(flats) != len(idx.flat) or not all(
-                np.array_equal(a, b) for a, b in zip(flats, idx.flat))):
-            raise AssertionError("GenMuNN: tail and model gene orders differ")
+    setup = (None if cut is None
+             else _fitness.tail_setup(model, variables, mask, layers))
+    if setup is not None and setup.layer != first:   # every layer has k_l >= 1
+        raise AssertionError("GenMuNN: the tail does not start at the "
+                             "cached layer")
     h_rep = np.concatenate([pos.h, neg.h])
-    z_rep = np.concatenate([pos.logits, neg.logits])
+    # what the fitness adds to: the first Dense layer's output, or the
+    # logits in the logits-layer-only case
+    if setup is None:
+        b_rep, b_val = np.concatenate([pos.logits, neg.logits]), z_val
+    else:
+        b_rep, b_val = np.concatenate([pos.out, neg.out]), o_val
     y_rep = np.concatenate([y_pos, y_neg])
     is_pos = np.concatenate([np.ones(len(y_pos), bool),
                              np.zeros(len(y_neg), bool)])
 
     # --- device part: key-dependent, static shapes -------------------------
     res, new_params, extra = _search(
-        key, params, tuple(jnp.asarray(f) for f in idx.flat), tail_vars,
-        tuple(jnp.asarray(f) for f in flats),
+        key, params, tuple(jnp.asarray(f) for f in idx.flat), setup,
         jnp.asarray(rows), jnp.asarray(cols),
         jnp.asarray(w0), jnp.asarray(sigma), jnp.asarray(h_rep),
-        jnp.asarray(z_rep), jnp.asarray(y_rep), jnp.asarray(is_pos),
-        jnp.asarray(h_val), jnp.asarray(z_val), jnp.asarray(y_val),
-        tail=tail, full_leaves=tuple(idx.leaves), leaves=tuple(leaves),
+        jnp.asarray(b_rep), jnp.asarray(y_rep), jnp.asarray(is_pos),
+        jnp.asarray(h_val), jnp.asarray(b_val), jnp.asarray(y_val),
+        full_leaves=tuple(idx.leaves),
         population=int(config.population), n_parents=int(config.n_parents),
         max_generations=int(config.max_generations),
         patience=int(config.patience), mut_prob=float(config.mut_prob),
