@@ -108,6 +108,47 @@ def test_repairs_deterministically_and_changes_only_the_mask():
         np.asarray(res.variables["params"]["dense1"]["kernel"]))
 
 
+@pytest.mark.parametrize("low_rank_max", [None, 0.0])
+def test_both_tail_forms_score_the_returned_model(monkeypatch, low_rank_max):
+    """The Dense tail in either form of ``_fitness.tail_setup`` (the tiny
+    MLP takes low rank by default; 0.0 forces the re-run matmul, the form
+    the study's models take): the reported fitness and repair accuracy are
+    the full model's, recomputed from the returned variables."""
+    from dlfix_jax.fixers import _fitness
+    if low_rank_max is not None:
+        monkeypatch.setattr(_fitness, "LOW_RANK_MAX_FRACTION", low_rank_max)
+    forms = []
+    setup_fn = _fitness.tail_setup
+
+    def spy(*a, **k):
+        setup = setup_fn(*a, **k)
+        forms.append(setup.low_rank)
+        return setup
+
+    monkeypatch.setattr(_fitness, "tail_setup", spy)
+    model, variables, _, problem = fixtures.tiny_mlp_problem()
+    res = fixers.get("genmunn").fix(jax.random.key(0), problem, _cfg())
+    assert forms == [low_rank_max is None]
+    assert int(res.info["outcome"]) == genmunn.ACCEPTED
+
+    def predict(split):
+        return np.asarray(model.predict(res.variables, split.x))
+
+    y_rep = np.concatenate([np.asarray(problem.passing.y),
+                            np.asarray(problem.failing.y)])
+    ok = np.concatenate([predict(problem.passing), predict(problem.failing)]
+                        ) == y_rep
+    n_pos = len(problem.passing.y)
+    acc = ok.mean()
+    nfr = (~ok[:n_pos]).sum() / max(n_pos, 1)
+    np.testing.assert_allclose(float(res.info["repair_acc_after"]), acc,
+                               rtol=1e-6)
+    np.testing.assert_allclose(float(res.info["accepted_fitness"]),
+                               acc + (1 - nfr) / (len(y_rep) + 1), rtol=1e-6)
+    assert float(res.info["accepted_fitness"]) > float(
+        res.info["initial_fitness"])
+
+
 def test_validation_drop_returns_the_original():
     model, variables, _, problem = fixtures.tiny_mlp_problem()
     # Validation = the failing repair inputs labelled with the original's

@@ -88,7 +88,7 @@ bit-for-bit)
   genes there) and runs the rest of the model with its other genes written
   in, or re-runs that layer's matmul when it holds at least as many genes
   as inputs (:func:`~dlfix_jax.fixers._fitness.tail_setup`, shared with
-  NeuRecover), one batched call per generation. Initial values and bounds
+  NeuRecover and GenMuNN), one batched call per generation. Initial values and bounds
   are per gene, from the gene's own layer's kernel (coinse's per-layer
   statistics). ``info["localised_layer"]`` gives each gene's position in
   the Dense layers (always 0 with "last"). On the tiny test MLP the front falls entirely in

@@ -72,8 +72,9 @@ is re-run), so a generation costs one batched tail pass, not a full
 forward pass. A non-sequential model (ResNet18, DenseNet121) has one Dense
 layer, the logits layer, repaired with the cached-logits update of Arachne
 (:func:`~dlfix_jax.fixers._fitness.candidate_logits`). Memory: scoring a
-candidate materialises the tail's Dense kernels (all 40 children at once
-under ``vmap``, one at a time under ``lax.map``).
+candidate materialises the tail's Dense kernels (the first one only in the
+full form): all 40 children at once under ``vmap``, one at a time under
+``lax.map``; the validation gate scores its 52 candidates under ``vmap``.
 
 What the study observed for GM: it barely changed the models (RR 3.49 on
 MNIST, 0 elsewhere; NFR <= 0.03) and was slow (2h25m - 52h17m), which looks
@@ -99,7 +100,8 @@ before using the key: the number of genes is a Python int and the search
 has static shapes. ``jax.vmap(fix, in_axes=(0, None, None))`` over keys
 works (vmappable); the acceptance decision is a traced ``jnp.where`` on
 the selected entries. The gradient kernel and the search are module-level
-jits keyed by the (structurally hashed) tail model, so a second call with
+jits keyed by the (structurally hashed) tail model, static in the search's
+``_fitness.TailSetup``, so a second call with
 the same shapes compiles nothing; the gradient is one pass over the tail
 for all Dense kernels at once (``_localize.grad_scores`` takes one layer).
 """
@@ -315,8 +317,10 @@ def _set_logits(setup, single, w0, h, b):
     """``d (k,) -> logits`` on one cached set, with the selected weights set
     to ``w0 + d``: through the Dense tail (``setup``, a
     :class:`_fitness.TailSetup`; ``b`` the first Dense layer's cached
-    output) or, for a non-sequential model, the cached-logits update of the
-    logits layer (``single`` = its (rows, cols); ``b`` the cached logits)."""
+    output, used by the low-rank form only: the full form re-runs that
+    layer from ``h``) or, for a non-sequential model, the cached-logits
+    update of the logits layer (``single`` = its (rows, cols); ``b`` the
+    cached logits)."""
     if setup is None:
         rows, cols = single
         fn = _fitness.candidate_logits(_fitness.LayerCache("", h, b, b),

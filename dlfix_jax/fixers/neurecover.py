@@ -73,7 +73,7 @@ final model, normally ``history[-1]``).
      as ``_fitness.candidate_logits``) and runs the rest of the model
      (``models.base.split_at``) with its other entries scattered into the
      later kernels (:func:`dlfix_jax.fixers._fitness.tail_setup` and
-     ``tail_logits``, shared with Arachne's ``localisation="all"``); that
+     ``tail_logits``, shared with Arachne's ``"all"`` and GenMuNN); that
      layer's matmul is re-run instead only when it holds at least as many
      genes as it has inputs (``_fitness.LOW_RANK_MAX_FRACTION``). A
      non-sequential model whose ``L`` leaves the logits layer runs the
