@@ -18,6 +18,9 @@
 * a search population scored with vmap vs lax_map, last Dense and hidden
   layer + tail (tasks ``"population_head"`` / ``"population"``,
   :func:`benchmarks._population.measure`, shorter runs).
+* the multi-layer search fitness in its two forms, low rank vs the
+  matmul re-run, at four gene counts (``_fitness.LOW_RANK_MAX_FRACTION``;
+  :func:`benchmarks._tail_fitness.measure`, zoo LeNet5).
 
 It writes one JSON file with the backend, device kinds, versions and every
 number, and prints a summary. Budget: under 8 minutes on one GPU; ``--quick``
@@ -233,6 +236,13 @@ def main(argv):
     out["population"] = _population.measure(
         generations=2 if q else 10, n_pos=200 if q else 4946,
         n_neg=20 if q else 54, rounds=1)
+    from benchmarks import _tail_fitness
+    from dlfix_jax import models
+    lenet = models.get("lenet5")
+    out["tail_fitness"] = _tail_fitness.measure(
+        lenet, lenet.init(jax.random.key(0)), n=200 if q else 5000,
+        population=8 if q else 100, fractions=(0.05, 0.5, 1.0, 1.7),
+        rounds=1 if q else 2, label="zoo:lenet5")
     out["total_s"] = time.perf_counter() - t0
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:

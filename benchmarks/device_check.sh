@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One short accelerator check (< 8 minutes on one GPU): training throughput,
-# seed-axis strategies, PGD, Arachne, one Apricot reduced-model epoch.
+# seed-axis strategies, PGD, Arachne, one Apricot reduced-model epoch,
+# search populations and the multi-layer fitness forms.
 # Writes ${OUT:-runs/bench}/device_check.json. Usage (repository root):
 #   bash benchmarks/device_check.sh            # on the accelerator machine
 #   bash benchmarks/device_check.sh --quick    # CPU smoke test

@@ -27,7 +27,6 @@ set shapes here.
 
 import json
 import os
-import time
 
 from absl import app, flags
 
@@ -65,83 +64,22 @@ def _model():
 def main(argv):
     del argv
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
-    from dlfix_jax import masks, seed_axis
-    from dlfix_jax.fixers import _fitness
-    from dlfix_jax.models import base as models_base
-
-    source, model, variables = _model()
-    params = variables["params"]
-    dense = [s.name for s in model.layers if s.kind == "dense"]
-    if len(dense) < 2:
-        raise SystemExit(f"{source}: needs two Dense layers, has {dense}")
-    layers = tuple(dense[:2])
-    shapes = [np.shape(models_base.get_layer_params(params, n)["kernel"])
-              for n in layers]
-    d = shapes[0][0]
-    strategy = seed_axis.population_strategy(False)
-    rng = np.random.default_rng(0)
-    x = rng.uniform(size=(FLAGS.n,) + tuple(model.input_shape)).astype(
-        np.float32)
-    cache = _fitness.cache_layer(model, variables, layers[0], x)
-    h, out = jnp.asarray(cache.h), jnp.asarray(cache.out)
-    print(f"model {source}; {layers[0]} {shapes[0]}, {layers[1]} "
-          f"{shapes[1]}; backend {jax.default_backend()}, strategy "
-          f"{strategy}, load {os.getloadavg()}", flush=True)
-    rows = []
-    for frac in (float(f) for f in FLAGS.k1_fractions):
-        k1 = max(1, min(int(round(frac * d)), int(np.prod(shapes[0]))))
-        lay = np.r_[np.zeros(k1, np.int32), np.ones(FLAGS.k2, np.int32)]
-        idx = np.concatenate([
-            np.stack(np.unravel_index(
-                rng.choice(int(np.prod(s)), k, replace=False), s), 1)
-            for s, k in zip(shapes, (k1, FLAGS.k2))])
-        mask = masks.kernel_entries_mask(params, layers, lay, idx)
-        g = masks.indices_of(mask)
-        w0 = np.asarray(masks.gather(params, g), np.float32)
-        pop = jnp.asarray(w0 + 0.01 * rng.standard_normal(
-            (FLAGS.population, w0.size)).astype(np.float32))
-        auto = _fitness.tail_setup(model, variables, mask, layers).low_rank
-        setups = {low: _fitness.tail_setup(model, variables, mask, layers,
-                                           low_rank=low)
-                  for low in (True, False)}
-
-        @jax.jit
-        def score(pop, setup):
-            fn = _fitness.tail_logits(setup, h, out)
-            return seed_axis.map_traced(lambda v: jnp.sum(fn(v), axis=0),
-                                        pop, strategy)
-
-        outs = {low: jax.block_until_ready(score(pop, s))
-                for low, s in setups.items()}
-        best = {True: float("inf"), False: float("inf")}
-        for _ in range(FLAGS.rounds):
-            for low, s in setups.items():
-                t0 = time.perf_counter()
-                jax.block_until_ready(score(pop, s))
-                best[low] = min(best[low], time.perf_counter() - t0)
-        diff = float(jnp.max(jnp.abs(outs[True] - outs[False])
-                             / (jnp.abs(outs[False]) + 1e-6)))  # of sums
-        row = {"d": int(d), "k1": k1, "k2": FLAGS.k2, "n": FLAGS.n,
-               "population": FLAGS.population,
-               "low_rank_ms": 1e3 * best[True], "full_ms": 1e3 * best[False],
-               "ratio_low_over_full": best[True] / best[False],
-               "rule_picks": "low_rank" if auto else "full",
-               "max_rel_diff": diff}
-        rows.append(row)
-        print(f"k1 {k1:4d} ({k1 / d:.2f} d): low rank "
-              f"{row['low_rank_ms']:7.1f} ms, full {row['full_ms']:7.1f} ms,"
-              f" ratio {row['ratio_low_over_full']:.2f}; rule: "
-              f"{row['rule_picks']}; max rel diff {diff:.1e}", flush=True)
+    from benchmarks._tail_fitness import measure
+    try:
+        source, model, variables = _model()
+        rows = measure(model, variables, n=FLAGS.n,
+                       population=FLAGS.population,
+                       fractions=[float(f) for f in FLAGS.k1_fractions],
+                       k2=FLAGS.k2, rounds=FLAGS.rounds, label=source)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"tail_fitness: {e}")
     if FLAGS.out:
         os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)),
                     exist_ok=True)
         with open(FLAGS.out, "w") as f:
             json.dump({"model": source, "backend": jax.default_backend(),
-                       "strategy": strategy, "load": os.getloadavg(),
-                       "rows": rows}, f, indent=1)
+                       "load": os.getloadavg(), "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

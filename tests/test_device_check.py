@@ -18,7 +18,8 @@ def test_device_check_quick_writes_every_section(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads((tmp_path / "device_check.json").read_text())
     for key in ("train", "seed_axis", "pgd", "arachne",
-                "apricot_rdlm_epoch", "fix_seeds", "population"):
+                "apricot_rdlm_epoch", "fix_seeds", "population",
+                "tail_fitness"):
         assert out[key], key
     assert {r["strategy"] for r in out["fix_seeds"]} == {"vmap",
                                                          "sequential"}
@@ -26,3 +27,7 @@ def test_device_check_quick_writes_every_section(tmp_path):
         (c, s) for c in ("logits", "hidden") for s in ("vmap", "lax_map")}
     assert all(r[k] > 0 for r in out["population"]
                for k in ("evals_per_s",))
+    assert [r["rule_picks"] for r in out["tail_fitness"]] == [
+        "low_rank", "low_rank", "full", "full"]
+    assert all(r["low_rank_ms"] > 0 and r["full_ms"] > 0
+               and r["max_rel_diff"] < 1e-4 for r in out["tail_fitness"])
