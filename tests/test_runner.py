@@ -493,7 +493,6 @@ def test_ensembles_refuse_a_streamed_test_split_before_fixing(
                            r"with --config.ensembles=\)"):
             runner.run_study(c, str(wd))
         assert not calls
-        recs = [json.loads(line) for line in
-                open(wd / "results.jsonl").read().splitlines()]
+        recs = store_lib.Store(str(wd)).all_records()
         assert [r["approach"] for r in recs] == ["fake_seq"]
         assert recs[0]["status"] == "ok" and recs[0]["metrics"]["acc"] > 0

@@ -221,21 +221,19 @@ def tail_setup(model: models_base.Model, variables: dict, mask, layers,
         d = np.shape(models_base.get_layer_params(params, first)["kernel"])[0]
         low_rank = bool(is_first.sum() < LOW_RANK_MAX_FRACTION * d)
     rest_mask = jax.tree_util.tree_map(np.asarray, mask)
-    if low_rank:
-        _, tail = models_base.split_at(model, first, variables)
-        _, tail_vars = models_base.split_variables_at(model, first, variables)
+    if low_rank:  # ``first``'s genes enter as the low-rank term
         rest_mask = models_base.set_layer_params(
             rest_mask, first, jax.tree_util.tree_map(
                 np.zeros_like, models_base.get_layer_params(rest_mask, first)))
-        is_rest = ~is_first
-    elif at == 0:
+        cut = first
+    else:         # the tail re-runs ``first`` (the whole model if it is first)
+        cut = names[at - 1] if at else None
+    if cut is None:
         tail, tail_vars = model, variables
-        is_rest = np.ones_like(is_first)
     else:
-        _, tail = models_base.split_at(model, names[at - 1], variables)
-        _, tail_vars = models_base.split_variables_at(model, names[at - 1],
-                                                      variables)
-        is_rest = np.ones_like(is_first)
+        _, tail = models_base.split_at(model, cut, variables)
+        _, tail_vars = models_base.split_variables_at(model, cut, variables)
+    is_rest = ~is_first if low_rank else np.ones_like(is_first)
     rest_idx = masks.indices_of(models_base.split_variables(
         {"params": rest_mask}, [s.name for s in tail.layers])
         .get("params", {}))
