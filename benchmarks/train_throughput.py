@@ -23,6 +23,14 @@ timed steps; examples/s = steps x batch / wall time.
 * ``jax_plain`` (optional): ``jax`` with the XLA:CPU workarounds of
   :mod:`dlfix_jax.models.layers` switched off (``layers.on_cpu`` patched
   to False: plain ``nn.Conv`` / ``nn.max_pool``), to measure what they buy.
+* ``keras_xla`` (optional): ``keras`` with ``jit_compile=True``, i.e. Keras 3
+  on TensorFlow's XLA:CPU, the compiler our JAX code runs on (Keras 3's
+  ``"auto"`` turns XLA off on a machine with no accelerator, so ``keras``
+  runs TensorFlow's own oneDNN kernels there).
+* ``jax_onednn`` (optional, an experiment): ``jax`` with every convolution
+  that ``layers.Conv`` gives ``nn.Conv`` routed through TensorFlow's oneDNN
+  kernels by ``jax.pure_callback`` (``benchmarks._onednn_conv``), to measure
+  what swapping XLA:CPU's convolution kernels would buy, transfers included.
 
 The frameworks are measured in turn, ``--rounds`` times (A, B, C, A, B,
 C, ...), and the median examples/s is reported with the median of the
@@ -61,6 +69,8 @@ flags.DEFINE_string("single", None, "Internal: measure one 'model,framework'"
 FLAGS = flags.FLAGS
 
 SHAPES = {"lenet5": (28, 28, 1), "vgg16": (32, 32, 3)}
+FRAMEWORKS = ("jax", "jax_plain", "jax_onednn", "keras", "keras_xla",
+              "tf_keras")
 
 
 def _data(model: str, steps: int, batch: int, seed: int = 0):
@@ -73,7 +83,7 @@ def _data(model: str, steps: int, batch: int, seed: int = 0):
 
 
 def bench_jax(model_name: str, steps: int, warmup: int, batch: int,
-              plain: bool = False) -> float:
+              plain: bool = False, onednn: bool = False) -> float:
     import jax
 
     from dlfix_jax import models
@@ -84,6 +94,9 @@ def bench_jax(model_name: str, steps: int, warmup: int, batch: int,
     if plain:
         from dlfix_jax.models import layers
         layers.on_cpu = lambda: False
+    if onednn:
+        from benchmarks import _onednn_conv
+        _onednn_conv.patch_layers()
     model = models.get(model_name)
     v = model.init(jax.random.key(0))
     tx = loop.optimizer("adam", 1e-3)
@@ -106,7 +119,7 @@ def bench_jax(model_name: str, steps: int, warmup: int, batch: int,
     return steps * batch / (time.perf_counter() - t)
 
 
-def _keras_model(keras, name: str):
+def _keras_model(keras, name: str, jit_compile="auto"):
     L = keras.layers
     if name == "lenet5":
         layers = [L.Conv2D(6, 5, activation="relu"),
@@ -130,17 +143,23 @@ def _keras_model(keras, name: str):
     model = keras.Sequential([keras.Input(SHAPES[name])] + layers)
     model.compile(
         optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile)
     return model
 
 
 def bench_keras(which: str, model_name: str, steps: int, warmup: int,
                 batch: int) -> float:
-    if which == "keras":
+    if which in ("keras", "keras_xla"):
         import keras
     else:
         import tf_keras as keras
-    model = _keras_model(keras, model_name)
+    if which == "keras_xla":
+        model = _keras_model(keras, model_name, jit_compile=True)
+    elif which == "keras":
+        model = _keras_model(keras, model_name)
+    else:  # tf_keras: its own default (no XLA)
+        model = _keras_model(keras, model_name, jit_compile=None)
     x, y = _data(model_name, max(steps, warmup), batch)
     model.fit(x[:warmup * batch], y[:warmup * batch], batch_size=batch,
               epochs=1, verbose=0, shuffle=False)
@@ -152,9 +171,9 @@ def bench_keras(which: str, model_name: str, steps: int, warmup: int,
 
 def _measure(name: str, fw: str) -> float:
     steps = getattr(FLAGS, f"{name}_steps")
-    if fw in ("jax", "jax_plain"):
+    if fw in ("jax", "jax_plain", "jax_onednn"):
         return bench_jax(name, steps, FLAGS.warmup_steps, FLAGS.batch_size,
-                         plain=fw == "jax_plain")
+                         plain=fw == "jax_plain", onednn=fw == "jax_onednn")
     return bench_keras(fw, name, steps, FLAGS.warmup_steps, FLAGS.batch_size)
 
 
@@ -192,7 +211,7 @@ def main(argv):
         steps = getattr(FLAGS, f"{name}_steps")
         runs = {fw: [] for fw in FLAGS.frameworks}
         for fw in FLAGS.frameworks:
-            if fw not in ("jax", "jax_plain", "keras", "tf_keras"):
+            if fw not in FRAMEWORKS:
                 raise app.UsageError(f"unknown framework {fw!r}")
         for r in range(FLAGS.rounds):
             for fw in FLAGS.frameworks:
