@@ -9,8 +9,8 @@ for the ones Keras runs, with the cost of handing every activation to
 TensorFlow and back included. ``benchmarks.conv_kernels`` times it per
 layer (``--frameworks=...,callback``), ``benchmarks.train_throughput`` per
 training step (``--frameworks=...,jax_onednn``). It is not used by
-``dlfix_jax``: its gradient is reverse mode only (``custom_vjp``, no
-``jvp``, so no forward-over-reverse Hessians), ``vmap`` over it runs the
+``dlfix_jax``: its gradient is reverse mode only (``custom_vjp``, so
+``jax.jvp`` through it, as RA's, fails), ``vmap`` over it runs the
 callback once per batch element, and it makes TensorFlow a runtime
 dependency of the model layers (BENCHMARKS.md, "VGG16 on CPU").
 """
@@ -25,6 +25,29 @@ def _tf():
     return tf
 
 
+def tf_ops(x_shape, w_shape, padding: str):
+    """TensorFlow's three kernels for one convolution, on TensorFlow
+    tensors (oneDNN on x86): ``fwd(x, w)``, ``grad_input(w, dy)``,
+    ``grad_kernel(x, dy)``; shared with ``benchmarks.conv_kernels``."""
+    tf = _tf()
+    xs, ws = list(x_shape), list(w_shape)
+
+    def fwd(x, w):
+        return tf.nn.conv2d(x, w, 1, padding)
+
+    def grad_input(w, dy):
+        return tf.raw_ops.Conv2DBackpropInput(
+            input_sizes=xs, filter=w, out_backprop=dy, strides=STRIDES,
+            padding=padding)
+
+    def grad_kernel(x, dy):
+        return tf.raw_ops.Conv2DBackpropFilter(
+            input=x, filter_sizes=ws, out_backprop=dy, strides=STRIDES,
+            padding=padding)
+
+    return fwd, grad_input, grad_kernel
+
+
 def out_shape(x_shape, w_shape, padding: str) -> tuple:
     """NHWC output shape of a stride-1 ``padding`` convolution."""
     b, h, w, _ = x_shape
@@ -34,57 +57,46 @@ def out_shape(x_shape, w_shape, padding: str) -> tuple:
     return (b, h - kh + 1, w - kw + 1, f)
 
 
-def forward(x, w, padding: str):
-    """oneDNN forward convolution on host arrays (NHWC x, HWIO w)."""
-    return _tf().nn.conv2d(x, w, 1, padding).numpy()
-
-
-def grad_input(w, dy, x_shape, padding: str):
-    """oneDNN input gradient (``Conv2DBackpropInput``) on host arrays."""
-    tf = _tf()
-    return tf.raw_ops.Conv2DBackpropInput(
-        input_sizes=list(x_shape), filter=w, out_backprop=dy,
-        strides=STRIDES, padding=padding).numpy()
-
-
-def grad_kernel(x, dy, w_shape, padding: str):
-    """oneDNN kernel gradient (``Conv2DBackpropFilter``) on host arrays."""
-    tf = _tf()
-    return tf.raw_ops.Conv2DBackpropFilter(
-        input=x, filter_sizes=list(w_shape), out_backprop=dy,
-        strides=STRIDES, padding=padding).numpy()
-
-
-def _callback(fn, shape, *args):
+def _callback(fn, shape, dtype, *args):
     import jax
-    import jax.numpy as jnp
-    return jax.pure_callback(fn, jax.ShapeDtypeStruct(shape, jnp.float32),
+    return jax.pure_callback(fn, jax.ShapeDtypeStruct(shape, dtype),
                              *args, vmap_method="sequential")
 
 
+def callbacks(x_shape, w_shape, padding: str, dtype):
+    """The three kernels as functions of jitted JAX arrays, each one
+    ``pure_callback`` into :func:`tf_ops` (results copied back)."""
+    fwd, gx, gw = tf_ops(x_shape, w_shape, padding)
+    ys = out_shape(x_shape, w_shape, padding)
+    xs, ws = tuple(x_shape), tuple(w_shape)
+    return (
+        lambda x, w: _callback(lambda a, b: fwd(a, b).numpy(), ys, dtype,
+                               x, w),
+        lambda w, dy: _callback(lambda a, b: gx(a, b).numpy(), xs, dtype,
+                                w, dy),
+        lambda x, dy: _callback(lambda a, b: gw(a, b).numpy(), ws, dtype,
+                                x, dy))
+
+
 def make_conv(padding: str):
-    """``conv(x, w)`` for jitted JAX code: each of the three kernels is one
-    ``pure_callback`` into TensorFlow (imported here, on the calling
-    thread: a first import inside a callback, on one of XLA's threads,
-    crashes the process)."""
+    """``conv(x, w)`` for jitted JAX code (NHWC x, HWIO w, stride 1): each
+    of the three kernels is one ``pure_callback`` into TensorFlow
+    (imported here, on the calling thread: a first import inside a
+    callback, on one of XLA's threads, crashes the process)."""
     import jax
     _tf()
 
     @jax.custom_vjp
     def conv(x, w):
-        return _callback(lambda a, b: forward(a, b, padding),
-                         out_shape(x.shape, w.shape, padding), x, w)
+        return callbacks(x.shape, w.shape, padding, x.dtype)[0](x, w)
 
     def fwd(x, w):
         return conv(x, w), (x, w)
 
     def bwd(res, dy):
         x, w = res
-        xs, ws = tuple(x.shape), tuple(w.shape)
-        return (_callback(lambda a, b: grad_input(a, b, xs, padding),
-                          xs, w, dy),
-                _callback(lambda a, b: grad_kernel(a, b, ws, padding),
-                          ws, x, dy))
+        _, gx, gw = callbacks(x.shape, w.shape, padding, x.dtype)
+        return gx(w, dy), gw(x, dy)
 
     conv.defvjp(fwd, bwd)
     return conv
@@ -92,10 +104,11 @@ def make_conv(padding: str):
 
 def patch_layers() -> None:
     """Makes ``dlfix_jax.models.layers.Conv`` (for models built after this
-    call, in this process) route every convolution it would give
-    ``nn.Conv`` (stride 1, no dilation or groups, SAME/VALID) through
-    :func:`make_conv`; its own CPU paths (small-input im2col, one-channel
-    convolution) are kept. For the A/B measurement only."""
+    call, in this process) route every convolution whose
+    ``Conv.cpu_path`` is ``"xla"`` (the ones XLA:CPU's own kernels would
+    run) through :func:`make_conv`; its other CPU paths (small-input
+    im2col, one-channel convolution) and other backends are unchanged.
+    For the A/B measurement only."""
     import flax.linen as nn
 
     from dlfix_jax.models import layers
@@ -106,17 +119,9 @@ def patch_layers() -> None:
     class OneDnnConv(base):
         @nn.compact
         def __call__(self, x):
-            kh, kw = self.kernel_size
-            plain = (x.ndim == 4 and layers._all_ones(self.strides)
-                     and self.feature_group_count == 1
-                     and layers._all_ones(self.kernel_dilation)
-                     and layers._all_ones(self.input_dilation)
-                     and self.padding in ("SAME", "VALID")
-                     and x.shape[-1] > 1
-                     and not (self.padding == "SAME"
-                              and x.shape[1] * x.shape[2] < kh * kw))
-            if not plain:
+            if self.cpu_path(x) != "xla":
                 return base.__call__(self, x)
+            kh, kw = self.kernel_size
             kernel = self.param("kernel", self.kernel_init,
                                 (kh, kw, x.shape[-1], self.features),
                                 self.param_dtype)

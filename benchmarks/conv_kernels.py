@@ -28,7 +28,13 @@ Frameworks:
   handing the arrays over is included.
 
 The table gives milliseconds per kernel and XLA's time over each other
-framework's. Results are also written as JSON (machine facts included).
+framework's, then two sums: each shape once, and weighted by how often the
+shape occurs in VGG16 (``--shapes`` entries count once unless given as
+``side:cin:cout:count``), without the first layer's input gradient, which
+training does not compute (the first listed shape is taken as the first
+layer). These are kernels timed alone, not their share
+of a training step (``benchmarks.train_throughput`` measures that).
+Results are also written as JSON (machine facts included).
 """
 
 from __future__ import annotations
@@ -36,16 +42,15 @@ from __future__ import annotations
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 
 from absl import app, flags
 
 flags.DEFINE_list("frameworks", ["xla", "onednn", "callback"],
                   "Frameworks to measure (xla, onednn, callback).")
-flags.DEFINE_list("shapes", None, "Layers as side:cin:cout (default: "
-                  "every distinct VGG16 convolution on CIFAR-10).")
+flags.DEFINE_list("shapes", None, "Layers as side:cin:cout[:count] "
+                  "(default: every distinct VGG16 convolution on CIFAR-10, "
+                  "with its count in the model).")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("repeats", 5, "Timed calls per kernel (minimum kept).")
 flags.DEFINE_string("out", "runs/bench/conv_kernels.json",
@@ -56,26 +61,45 @@ FLAGS = flags.FLAGS
 
 FRAMEWORKS = ("xla", "onednn", "callback")
 KERNELS = ("fwd", "grad_input", "grad_kernel")
-# (input side, input channels, filters) of VGG16's 13 convolutions on
-# 32x32x3 inputs, each distinct shape once.
-VGG16 = ((32, 3, 64), (32, 64, 64), (16, 64, 128), (16, 128, 128),
-         (8, 128, 256), (8, 256, 256), (4, 256, 512), (4, 512, 512),
-         (2, 512, 512))
+# (input side, input channels, filters, occurrences) of VGG16's 13
+# convolutions on 32x32x3 inputs (dlfix_jax.models.zoo.vgg16).
+VGG16 = ((32, 3, 64, 1), (32, 64, 64, 1), (16, 64, 128, 1),
+         (16, 128, 128, 1), (8, 128, 256, 1), (8, 256, 256, 2),
+         (4, 256, 512, 1), (4, 512, 512, 2), (2, 512, 512, 3))
 
 
 def parse_shapes(spec) -> tuple:
-    """``["32:64:64", ...]`` -> ``((32, 64, 64), ...)``; one-line errors."""
+    """``["32:64:64", "8:256:256:2", ...]`` -> ``((32, 64, 64, 1),
+    (8, 256, 256, 2), ...)``; a one-line ``ValueError`` otherwise."""
     if not spec:
         return VGG16
     out = []
     for s in spec:
         parts = s.split(":")
-        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0
-                                      for p in parts):
+        if len(parts) not in (3, 4) or not all(
+                p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(f"--shapes entry {s!r}: expected "
-                             "side:cin:cout with positive integers")
-        out.append(tuple(int(p) for p in parts))
+                             "side:cin:cout[:count], positive integers")
+        out.append(tuple(int(p) for p in parts) + ((1,) if len(parts) == 3
+                                                   else ()))
     return tuple(out)
+
+
+def check_flags() -> tuple:
+    """Validated (shapes, frameworks); ``app.UsageError`` with one line."""
+    try:
+        shapes = parse_shapes(FLAGS.shapes)
+    except ValueError as e:
+        raise app.UsageError(str(e))
+    frameworks = [FLAGS.single] if FLAGS.single else FLAGS.frameworks
+    for fw in frameworks:
+        if fw not in FRAMEWORKS:
+            raise app.UsageError(f"unknown framework {fw!r}; known: "
+                                 f"{', '.join(FRAMEWORKS)}")
+    if FLAGS.batch_size < 1 or FLAGS.repeats < 1:
+        raise app.UsageError("--batch_size and --repeats must be positive, "
+                             f"got {FLAGS.batch_size} and {FLAGS.repeats}")
+    return shapes, list(dict.fromkeys(frameworks))
 
 
 def _data(batch, side, cin, cout, seed=0):
@@ -116,14 +140,9 @@ def _jax_kernels(framework, x, w, dy):
         gw = jax.jit(lambda x_, dy_: jax.linear_transpose(
             lambda b: conv(x_, b), w)(dy_)[0])
     else:
-        from benchmarks import _onednn_conv as oc
-        conv = oc.make_conv("SAME")
-        fwd = jax.jit(conv)
-        xs, ws = tuple(x.shape), tuple(w.shape)
-        gx = jax.jit(lambda w_, dy_: oc._callback(
-            lambda a, b: oc.grad_input(a, b, xs, "SAME"), xs, w_, dy_))
-        gw = jax.jit(lambda x_, dy_: oc._callback(
-            lambda a, b: oc.grad_kernel(a, b, ws, "SAME"), ws, x_, dy_))
+        from benchmarks import _onednn_conv
+        fwd, gx, gw = (jax.jit(f) for f in _onednn_conv.callbacks(
+            x.shape, w.shape, "SAME", x.dtype))
     return {"fwd": lambda: jax.block_until_ready(fwd(x, w)),
             "grad_input": lambda: jax.block_until_ready(gx(w, dy)),
             "grad_kernel": lambda: jax.block_until_ready(gw(x, dy))}
@@ -132,16 +151,10 @@ def _jax_kernels(framework, x, w, dy):
 def _tf_kernels(x, w, dy):
     import tensorflow as tf
 
-    from benchmarks import _onednn_conv as oc
+    from benchmarks import _onednn_conv
+    fwd, gx, gw = (tf.function(f) for f in _onednn_conv.tf_ops(
+        x.shape, w.shape, "SAME"))
     x, w, dy = tf.constant(x), tf.constant(w), tf.constant(dy)
-    xs, ws = list(x.shape), list(w.shape)
-    fwd = tf.function(lambda a, b: tf.nn.conv2d(a, b, 1, "SAME"))
-    gx = tf.function(lambda b, d: tf.raw_ops.Conv2DBackpropInput(
-        input_sizes=xs, filter=b, out_backprop=d, strides=oc.STRIDES,
-        padding="SAME"))
-    gw = tf.function(lambda a, d: tf.raw_ops.Conv2DBackpropFilter(
-        input=a, filter_sizes=ws, out_backprop=d, strides=oc.STRIDES,
-        padding="SAME"))
     # .numpy() waits for the result (TensorFlow's eager ops are async).
     return {"fwd": lambda: fwd(x, w).numpy(),
             "grad_input": lambda: gx(w, dy).numpy(),
@@ -151,7 +164,7 @@ def _tf_kernels(x, w, dy):
 def measure(framework: str, shapes, batch: int, repeats: int) -> list:
     """Per-layer milliseconds of the three kernels in this process."""
     rows = []
-    for side, cin, cout in shapes:
+    for side, cin, cout, _ in shapes:
         data = _data(batch, side, cin, cout)
         kernels = (_tf_kernels(*data) if framework == "onednn"
                    else _jax_kernels(framework, *data))
@@ -160,87 +173,81 @@ def measure(framework: str, shapes, batch: int, repeats: int) -> list:
     return rows
 
 
-def _in_subprocess(framework: str) -> list:
-    cmd = [sys.executable, "-m", "benchmarks.conv_kernels",
-           f"--single={framework}", f"--batch_size={FLAGS.batch_size}",
-           f"--repeats={FLAGS.repeats}", "--out="]
-    if FLAGS.shapes:
-        cmd.append("--shapes=" + ",".join(FLAGS.shapes))
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    for line in out.stdout.splitlines():
-        if line.startswith("{\"rows\""):
-            return json.loads(line)["rows"]
-    raise RuntimeError(f"{framework} measurement failed:\n"
-                       f"{out.stderr[-3000:]}")
+def sums(rows, shapes) -> dict:
+    """Per-kernel sums: ``once`` (each shape once) and ``vgg16`` (weighted
+    by count, without the first layer's input gradient)."""
+    once = {k: sum(r[k] for r in rows) for k in KERNELS}
+    weighted = {k: sum(r[k] * s[3] for r, s in zip(rows, shapes))
+                for k in KERNELS}
+    weighted["grad_input"] -= rows[0]["grad_input"]
+    return {"once": once, "weighted": weighted}
+
+
+def _row(label, k, vals, frameworks, ratio_to) -> str:
+    line = (f"| {label} | {k} | "
+            + " | ".join(f"{vals[fw]:.1f}" for fw in frameworks) + " |")
+    if ratio_to:
+        line += " " + " | ".join(f"{vals['xla'] / vals[fw]:.2f}x"
+                                 for fw in ratio_to) + " |"
+    return line
 
 
 def main(argv):
     del argv
-    try:
-        shapes = parse_shapes(FLAGS.shapes)
-    except ValueError as e:
-        raise app.UsageError(str(e))
-    for fw in FLAGS.frameworks:
-        if fw not in FRAMEWORKS:
-            raise app.UsageError(f"unknown framework {fw!r}; known: "
-                                 f"{', '.join(FRAMEWORKS)}")
+    shapes, frameworks = check_flags()
     if FLAGS.single:
         print(json.dumps({"rows": measure(FLAGS.single, shapes,
                                           FLAGS.batch_size,
                                           FLAGS.repeats)}))
         return
+    from benchmarks._subprocess import run_single
     load = [os.getloadavg()[0]]
     res = {}
-    for fw in FLAGS.frameworks:
-        res[fw] = _in_subprocess(fw)
+    for fw in frameworks:
+        args = [f"--single={fw}", f"--batch_size={FLAGS.batch_size}",
+                f"--repeats={FLAGS.repeats}", "--out="]
+        if FLAGS.shapes:
+            args.append("--shapes=" + ",".join(FLAGS.shapes))
+        res[fw] = run_single("benchmarks.conv_kernels", args, "rows")
         load.append(os.getloadavg()[0])
         print(f"measured {fw} (load {load[-1]:.1f})", flush=True)
-    others = [f for f in FLAGS.frameworks if f != "xla"]
-    head = " | ".join(f"{fw} ms" for fw in FLAGS.frameworks)
-    ratios = " | ".join(f"xla / {fw}" for fw in others
-                        if "xla" in res)
-    print(f"\n| layer | kernel | {head} |" + (f" {ratios} |"
-                                               if ratios else ""))
-    print("|---|---|" + "---:|" * (len(FLAGS.frameworks)
-                                   + (len(others) if "xla" in res else 0)))
-    totals = {fw: {k: 0.0 for k in KERNELS} for fw in res}
-    for i, shape in enumerate(shapes):
+    ratio_to = ([f for f in frameworks if f != "xla"] if "xla" in res
+                else [])
+    print(f"\n| layer | kernel | "
+          + " | ".join(f"{fw} ms" for fw in frameworks) + " |"
+          + "".join(f" xla / {fw} |" for fw in ratio_to))
+    print("|---|---|" + "---:|" * (len(frameworks) + len(ratio_to)))
+    for i, (side, cin, cout, _) in enumerate(shapes):
         for k in KERNELS:
-            ms = [res[fw][i][k] for fw in FLAGS.frameworks]
-            for fw in res:
-                totals[fw][k] += res[fw][i][k]
-            line = (f"| {shape[0]}x{shape[0]}x{shape[1]}->{shape[2]} | {k} | "
-                    + " | ".join(f"{m:.1f}" for m in ms) + " |")
-            if "xla" in res and others:
-                line += " " + " | ".join(
-                    f"{res['xla'][i][k] / res[fw][i][k]:.2f}x"
-                    for fw in others) + " |"
-            print(line)
-    for k in KERNELS:
-        line = (f"| all layers | {k} | "
-                + " | ".join(f"{totals[fw][k]:.1f}"
-                             for fw in FLAGS.frameworks) + " |")
-        if "xla" in res and others:
-            line += " " + " | ".join(
-                f"{totals['xla'][k] / totals[fw][k]:.2f}x"
-                for fw in others) + " |"
-        print(line)
+            print(_row(f"{side}x{side}x{cin}->{cout}", k,
+                       {fw: res[fw][i][k] for fw in frameworks},
+                       frameworks, ratio_to))
+    totals = {fw: sums(res[fw], shapes) for fw in frameworks}
+    for which, label in (("once", "each shape once"),
+                         ("weighted", "weighted by count")):
+        for k in KERNELS:
+            print(_row(label, k, {fw: totals[fw][which][k]
+                                  for fw in frameworks},
+                       frameworks, ratio_to))
     print(f"\nload average (1 min) over the run: {min(load):.1f}-"
           f"{max(load):.1f}")
     if FLAGS.out:
         import jax
+        import jaxlib
 
-        from dlfix_jax.training.checkpoint import atomic_write_json
+        from dlfix_jax.fileio import atomic_write_json
+        versions = {"jax": jax.__version__, "jaxlib": jaxlib.__version__}
+        if "onednn" in res or "callback" in res:
+            import tensorflow as tf
+            versions["tensorflow"] = tf.__version__
         atomic_write_json(FLAGS.out, {
             "batch": FLAGS.batch_size, "repeats": FLAGS.repeats,
-            "results": res, "totals_ms": totals,
-            "note": "each distinct VGG16 shape once (block 3-5 layers "
-                    "repeat in the model)",
+            "shapes": [list(s) for s in shapes],
+            "results": res, "sums_ms": totals,
             "machine": {"cpus": os.cpu_count(),
                         "platform": platform.platform(),
                         "load_avg_1m": [min(load), max(load)]},
-            "versions": {"jax": jax.__version__}})
+            "versions": versions})
         print(f"wrote {FLAGS.out}")
 
 

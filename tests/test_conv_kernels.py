@@ -15,7 +15,10 @@ import pytest
 from jax import lax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-pytest.importorskip("tensorflow")
+
+
+def _tf():
+    pytest.importorskip("tensorflow")
 
 
 def _xla_conv(x, w, padding):
@@ -25,6 +28,7 @@ def _xla_conv(x, w, padding):
 
 @pytest.mark.parametrize("padding", ["SAME", "VALID"])
 def test_callback_conv_matches_xla_values_and_gradients(padding):
+    _tf()
     from benchmarks import _onednn_conv
     kx, kw, kd = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (2, 7, 6, 3))
@@ -43,10 +47,12 @@ def test_callback_conv_matches_xla_values_and_gradients(padding):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
-def test_patched_layers_route_plain_convs_only(monkeypatch):
-    """``patch_layers`` sends plain convolutions through the callback and
-    leaves the CPU paths of ``layers.Conv`` alone; the model's outputs
-    stay those of the unpatched layers."""
+def test_patched_layers_route_only_what_xla_would_run(monkeypatch):
+    """``patch_layers`` sends the convolutions ``Conv.cpu_path`` leaves to
+    XLA (SAME and VALID) through the callback and keeps the im2col and
+    one-channel paths; every output stays that of the unpatched layers,
+    with the same variables."""
+    _tf()
     from benchmarks import _onednn_conv
     from dlfix_jax.models import layers
     calls = []
@@ -61,30 +67,30 @@ def test_patched_layers_route_plain_convs_only(monkeypatch):
         return wrapped
 
     monkeypatch.setattr(_onednn_conv, "make_conv", counting)
-    monkeypatch.setattr(layers, "Conv", layers.Conv)  # restored afterwards
+    # Recorded so that monkeypatch puts the original back afterwards.
+    monkeypatch.setattr(layers, "Conv", layers.Conv)
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
-    plain = layers.Conv(4, (3, 3), padding="SAME")
-    small = layers.Conv(4, (3, 3), padding="SAME")
-    v = plain.init(jax.random.key(2), x)
-    vs = small.init(jax.random.key(3), x[:, :2, :1])
-    want, want_small = plain.apply(v, x), small.apply(vs, x[:, :2, :1])
+    cases = [(x, "SAME"), (x, "VALID"), (x[:, :2, :1], "SAME"),
+             (x[..., :1], "VALID")]
+    want = []
+    for i, (xi, pad) in enumerate(cases):
+        m = layers.Conv(4, (3, 3), padding=pad)
+        v = m.init(jax.random.key(2 + i), xi)
+        want.append((v, m.apply(v, xi)))
     _onednn_conv.patch_layers()
-    assert layers.Conv is not plain.__class__
-    got = layers.Conv(4, (3, 3), padding="SAME").apply(v, x)
-    got_small = layers.Conv(4, (3, 3), padding="SAME").apply(
-        vs, x[:, :2, :1])
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(got_small, want_small, rtol=1e-5, atol=1e-5)
-    # Only the plain one went through the callback (the 2x1 input under a
-    # 3x3 window keeps the im2col path).
-    assert calls == [("SAME", (2, 8, 8, 3))]
+    assert layers.Conv.__name__ == "OneDnnConv"
+    for (xi, pad), (v, ref) in zip(cases, want):
+        got = layers.Conv(4, (3, 3), padding=pad).apply(v, xi)
+        np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [("SAME", (2, 8, 8, 3)), ("VALID", (2, 8, 8, 3))]
 
 
 def test_conv_kernels_runs_and_writes_json(tmp_path):
+    _tf()
     out = tmp_path / "ck.json"
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.conv_kernels",
-         "--shapes=4:3:5,2:4:4", "--batch_size=2", "--repeats=1",
+         "--shapes=4:3:5,2:4:4:3", "--batch_size=2", "--repeats=1",
          f"--out={out}"],
         cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -94,14 +100,28 @@ def test_conv_kernels_runs_and_writes_json(tmp_path):
         assert [r["shape"] for r in rows] == [[4, 3, 5], [2, 4, 4]]
         assert all(r[k] > 0 for r in rows
                    for k in ("fwd", "grad_input", "grad_kernel"))
-    assert "| all layers | grad_kernel |" in proc.stdout
+    sums = res["sums_ms"]["xla"]
+    rows = res["results"]["xla"]
+    assert sums["once"]["fwd"] == pytest.approx(rows[0]["fwd"]
+                                                + rows[1]["fwd"])
+    # Weighted: the second shape counts 3 times; the first layer's input
+    # gradient is left out.
+    assert sums["weighted"]["grad_input"] == pytest.approx(
+        3 * rows[1]["grad_input"])
+    assert "| weighted by count | grad_kernel |" in proc.stdout
 
 
-@pytest.mark.parametrize("arg", ["--shapes=4:3", "--shapes=4:0:5",
-                                 "--frameworks=cudnn"])
-def test_conv_kernels_rejects_bad_flags(arg):
+@pytest.mark.parametrize("arg,message", [
+    ("--shapes=4:3", "expected side:cin:cout[:count]"),
+    ("--shapes=4:0:5", "expected side:cin:cout[:count]"),
+    ("--frameworks=cudnn", "unknown framework 'cudnn'"),
+    ("--single=cudnn", "unknown framework 'cudnn'"),
+    ("--repeats=0", "must be positive"),
+])
+def test_conv_kernels_rejects_bad_flags(arg, message):
     proc = subprocess.run(
         [sys.executable, "-m", "benchmarks.conv_kernels", arg, "--out="],
         cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
-    assert ("--shapes" in proc.stderr) or ("cudnn" in proc.stderr)
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr

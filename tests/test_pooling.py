@@ -242,6 +242,29 @@ def test_cpu_workarounds_only_on_cpu(monkeypatch):
         _pool((2, 2), None, "VALID"))(x))
 
 
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU paths")
+def test_conv_cpu_path_names_the_path_taken(monkeypatch):
+    """``Conv.cpu_path`` (also read by ``benchmarks._onednn_conv``) names
+    the path ``__call__`` takes; the small-input path wins over the
+    one-channel one, and other backends get None."""
+    cases = [((2, 2, 2, 4), "SAME", {}, "im2col"),
+             ((2, 2, 2, 1), "SAME", {}, "im2col"),
+             ((2, 8, 8, 1), "VALID", {}, "one_channel"),
+             ((2, 8, 8, 3), "SAME", {}, "xla"),
+             ((2, 2, 2, 4), "VALID", {}, "xla"),
+             ((2, 8, 8, 3), "SAME", {"strides": 2}, None),
+             ((2, 8, 8, 3), "SAME", {"kernel_dilation": 2}, None)]
+    for shape, padding, kw, want in cases:
+        conv = L.Conv(4, (3, 3), padding=padding, **kw)
+        assert conv.cpu_path(jnp.zeros(shape)) == want, (shape, padding, kw)
+    monkeypatch.setattr(L, "ONE_CHANNEL_CONV", False)
+    assert L.Conv(4, (3, 3), padding="VALID").cpu_path(
+        jnp.zeros((2, 8, 8, 1))) == "xla"
+    monkeypatch.setattr(L, "on_cpu", lambda: False)
+    assert L.Conv(4, (3, 3), padding="SAME").cpu_path(
+        jnp.zeros((2, 2, 2, 4))) is None
+
+
 def test_lenet5_training_gradients_match_plain_layers(monkeypatch):
     """All CPU paths together on LeNet5 (one-channel conv1, tiled pools)
     against plain flax layers: loss and parameter gradients."""

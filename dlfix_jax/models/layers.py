@@ -206,20 +206,32 @@ class Conv(nn.Conv):
     Results equal ``nn.Conv``'s within float32 round-off (summation order).
     """
 
+    def cpu_path(self, x) -> str | None:
+        """How this layer computes ``x`` on XLA:CPU: ``"im2col"`` (input
+        smaller than the kernel window), ``"one_channel"``, ``"xla"`` (a
+        plain stride-1 NHWC convolution left to ``nn.Conv``), or None
+        (another backend, or a form these paths do not cover: strides,
+        dilation, groups, explicit padding)."""
+        kh, kw = self.kernel_size
+        if not (x.ndim == 4 and on_cpu() and _all_ones(self.strides)
+                and self.feature_group_count == 1
+                and _all_ones(self.kernel_dilation)
+                and _all_ones(self.input_dilation)
+                and self.padding in ("SAME", "VALID")):
+            return None
+        if self.padding == "SAME" and x.shape[1] * x.shape[2] < kh * kw:
+            return "im2col"
+        if ONE_CHANNEL_CONV and x.shape[-1] == 1:
+            return "one_channel"
+        return "xla"
+
     @nn.compact
     def __call__(self, x):
-        kh, kw = self.kernel_size
-        plain = (x.ndim == 4 and on_cpu() and _all_ones(self.strides)
-                 and self.feature_group_count == 1
-                 and _all_ones(self.kernel_dilation)
-                 and _all_ones(self.input_dilation)
-                 and self.padding in ("SAME", "VALID"))
-        small = plain and self.padding == "SAME" and (
-            x.shape[1] * x.shape[2] < kh * kw)
-        one = (plain and ONE_CHANNEL_CONV and x.shape[-1] == 1
-               and not small)
-        if not (small or one):
+        path = self.cpu_path(x)
+        if path not in ("im2col", "one_channel"):
             return super().__call__(x)
+        kh, kw = self.kernel_size
+        small = path == "im2col"
         kernel = self.param("kernel", self.kernel_init,
                             (kh, kw, x.shape[-1], self.features),
                             self.param_dtype)
