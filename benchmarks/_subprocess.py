@@ -8,13 +8,19 @@ import subprocess
 import sys
 
 
-def run_single(module: str, args: list, key: str):
+def run_single(module: str, args: list, key: str, timeout_s: float = 3600):
     """Runs ``python -m module *args`` and returns ``obj[key]`` of the JSON
     object ``{"key": ...}`` it prints on one stdout line; raises
-    ``RuntimeError`` with the child's stderr tail when there is none."""
+    ``RuntimeError`` with the child's stderr tail when there is none, or
+    when the child runs past ``timeout_s``."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    out = subprocess.run([sys.executable, "-m", module, *args],
-                         capture_output=True, text=True, env=env)
+    cmd = [sys.executable, "-m", module, *args]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env,
+                             timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{module} {' '.join(args)} ran past "
+                           f"{timeout_s:.0f} s") from None
     for line in out.stdout.splitlines():
         if line.startswith(f'{{"{key}"'):
             return json.loads(line)[key]

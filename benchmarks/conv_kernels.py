@@ -80,6 +80,10 @@ def parse_shapes(spec) -> tuple:
                 p.isdigit() and int(p) > 0 for p in parts):
             raise ValueError(f"--shapes entry {s!r}: expected "
                              "side:cin:cout[:count], positive integers")
+        if int(parts[1]) == 1:
+            raise ValueError(f"--shapes entry {s!r}: one input channel "
+                             "takes layers.Conv's one-channel path, not a "
+                             "convolution kernel; use cin >= 2")
         out.append(tuple(int(p) for p in parts) + ((1,) if len(parts) == 3
                                                    else ()))
     return tuple(out)
@@ -155,7 +159,8 @@ def _tf_kernels(x, w, dy):
     fwd, gx, gw = (tf.function(f) for f in _onednn_conv.tf_ops(
         x.shape, w.shape, "SAME"))
     x, w, dy = tf.constant(x), tf.constant(w), tf.constant(dy)
-    # .numpy() waits for the result (TensorFlow's eager ops are async).
+    # .numpy() copies each result to a NumPy array; the copy is counted
+    # against oneDNN (a conservative comparison for XLA).
     return {"fwd": lambda: fwd(x, w).numpy(),
             "grad_input": lambda: gx(w, dy).numpy(),
             "grad_kernel": lambda: gw(x, dy).numpy()}
@@ -174,8 +179,8 @@ def measure(framework: str, shapes, batch: int, repeats: int) -> list:
 
 
 def sums(rows, shapes) -> dict:
-    """Per-kernel sums: ``once`` (each shape once) and ``vgg16`` (weighted
-    by count, without the first layer's input gradient)."""
+    """Per-kernel sums: ``once`` (each shape once) and ``weighted`` (by
+    count, without the first listed layer's input gradient)."""
     once = {k: sum(r[k] for r in rows) for k in KERNELS}
     weighted = {k: sum(r[k] * s[3] for r, s in zip(rows, shapes))
                 for k in KERNELS}

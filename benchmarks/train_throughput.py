@@ -45,10 +45,10 @@ all frameworks alike.
 
 Every (model, framework) pair runs in a fresh subprocess, so one
 framework's thread pools and imports (TensorFlow's oneDNN/OpenMP threads)
-cannot slow down another. VGG16 on CPU is slow (over a second per step);
-with fewer than ~16 timed steps Keras's examples/s varied between processes
-by up to 2x (BENCHMARKS.md), so 16 is the default. Results are printed as a
-table and written as JSON (machine facts included).
+cannot slow down another. VGG16 on CPU is slow (over a second per step), so
+16 timed steps are the default. Results are printed as a table and written
+as JSON (machine facts included; ``examples_per_s`` is the steady rate,
+``whole_call_examples_per_s`` the other).
 """
 
 from __future__ import annotations
@@ -65,15 +65,15 @@ flags.DEFINE_list("frameworks", ["jax", "keras", "tf_keras"],
                   "Frameworks to measure.")
 flags.DEFINE_integer("batch_size", 128, "Batch size.")
 flags.DEFINE_integer("lenet5_steps", 200, "Timed LeNet5 steps.")
-flags.DEFINE_integer("vgg16_steps", 16, "Timed VGG16 steps (fewer let "
-                     "Keras's rate vary between processes).")
+flags.DEFINE_integer("vgg16_steps", 16, "Timed VGG16 steps.")
 flags.DEFINE_integer("warmup_steps", 2, "Warm-up steps (not timed).")
 flags.DEFINE_integer("rounds", 3, "Interleaved rounds over the frameworks "
                      "(medians reported).")
 flags.DEFINE_string("out", "runs/bench/train_throughput.json",
                     "JSON output path.")
 flags.DEFINE_string("single", None, "Internal: measure one 'model,framework'"
-                    " in this process and print its examples/s as JSON.")
+                    " in this process and print its steady and whole-call "
+                    "examples/s as JSON.")
 FLAGS = flags.FLAGS
 
 SHAPES = {"lenet5": (28, 28, 1), "vgg16": (32, 32, 3)}
@@ -90,10 +90,14 @@ def _data(model: str, steps: int, batch: int, seed: int = 0):
     return x, y
 
 
-def _rates(t0: float, stamps: list, t1: float, batch: int) -> dict:
+def _rates(t0: float, stamps: list, t1: float, batch: int,
+           steps: int) -> dict:
     """``steady``: examples/s from the end of the first timed step to the
     end of the last (``len(stamps) - 1`` steps); ``whole``: over the whole
     call, ``t0`` to ``t1``, per-call costs included."""
+    if len(stamps) != steps or steps < 2:
+        raise ValueError(f"expected {steps} (>= 2) step stamps, got "
+                         f"{len(stamps)}")
     return {"steady": (len(stamps) - 1) * batch / (stamps[-1] - stamps[0]),
             "whole": len(stamps) * batch / (t1 - t0)}
 
@@ -144,7 +148,7 @@ def bench_jax(model_name: str, steps: int, warmup: int, batch: int,
     stamps.clear()
     t0 = time.perf_counter()
     run(steps, state)
-    return _rates(t0, stamps, time.perf_counter(), batch)
+    return _rates(t0, stamps, time.perf_counter(), batch, steps)
 
 
 def _keras_model(keras, name: str, jit_compile="auto"):
@@ -194,13 +198,17 @@ def bench_keras(which: str, model_name: str, steps: int, warmup: int,
     stamps: list = []
 
     class Stamp(keras.callbacks.Callback):
+        # Takes TF logs as they are: tf_keras would otherwise convert them
+        # to NumPy after every batch for this callback's sake.
+        _supports_tf_logs = True
+
         def on_train_batch_end(self, b, logs=None):
             stamps.append(time.perf_counter())
 
     t0 = time.perf_counter()
     model.fit(x[:steps * batch], y[:steps * batch], batch_size=batch,
               epochs=1, verbose=0, shuffle=False, callbacks=[Stamp()])
-    return _rates(t0, stamps, time.perf_counter(), batch)
+    return _rates(t0, stamps, time.perf_counter(), batch, steps)
 
 
 def _measure(name: str, fw: str) -> dict:
@@ -209,6 +217,26 @@ def _measure(name: str, fw: str) -> dict:
         return bench_jax(name, steps, FLAGS.warmup_steps, FLAGS.batch_size,
                          plain=fw == "jax_plain", onednn=fw == "jax_onednn")
     return bench_keras(fw, name, steps, FLAGS.warmup_steps, FLAGS.batch_size)
+
+
+def _check_flags(models, frameworks) -> None:
+    """One-line ``app.UsageError`` for an unknown model or framework, or
+    fewer than 2 timed steps, before anything is measured."""
+    for name in models:
+        if name not in SHAPES:
+            raise app.UsageError(f"unknown model {name!r}; known: "
+                                 f"{', '.join(sorted(SHAPES))}")
+        steps = getattr(FLAGS, f"{name}_steps")
+        if steps < 2:
+            raise app.UsageError(f"--{name}_steps must be at least 2 (the "
+                                 f"steady rate spans steps 1..n), got {steps}")
+    for fw in frameworks:
+        if fw not in FRAMEWORKS:
+            raise app.UsageError(f"unknown framework {fw!r}; known: "
+                                 f"{', '.join(FRAMEWORKS)}")
+    if FLAGS.batch_size < 1 or FLAGS.warmup_steps < 1 or FLAGS.rounds < 1:
+        raise app.UsageError("--batch_size, --warmup_steps and --rounds must "
+                             "be positive")
 
 
 def _in_subprocess(name: str, fw: str) -> dict:
@@ -223,26 +251,22 @@ def main(argv):
     del argv
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if FLAGS.single:
-        name, fw = FLAGS.single.split(",")
-        print(json.dumps({"rates": _measure(name, fw)}))
+        parts = FLAGS.single.split(",")
+        if len(parts) != 2:
+            raise app.UsageError(f"--single={FLAGS.single!r}: expected "
+                                 "'model,framework'")
+        _check_flags([parts[0]], [parts[1]])
+        print(json.dumps({"rates": _measure(*parts)}))
         return
+    _check_flags(FLAGS.models, FLAGS.frameworks)
     batch = FLAGS.batch_size
     import numpy as np
     results = []
     loads = [os.getloadavg()[0]]
     for name in FLAGS.models:
-        if name not in SHAPES:
-            raise app.UsageError(f"unknown model {name!r}; known: "
-                                 f"{sorted(SHAPES)}")
         steps = getattr(FLAGS, f"{name}_steps")
-        if steps < 2:
-            raise app.UsageError(f"--{name}_steps must be at least 2 (the "
-                                 f"steady rate spans steps 1..n), got {steps}")
         runs = {fw: [] for fw in FLAGS.frameworks}
         whole = {fw: [] for fw in FLAGS.frameworks}
-        for fw in FLAGS.frameworks:
-            if fw not in FRAMEWORKS:
-                raise app.UsageError(f"unknown framework {fw!r}")
         for r in range(FLAGS.rounds):
             for fw in FLAGS.frameworks:
                 rates = _in_subprocess(name, fw)

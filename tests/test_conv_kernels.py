@@ -114,6 +114,7 @@ def test_conv_kernels_runs_and_writes_json(tmp_path):
 @pytest.mark.parametrize("arg,message", [
     ("--shapes=4:3", "expected side:cin:cout[:count]"),
     ("--shapes=4:0:5", "expected side:cin:cout[:count]"),
+    ("--shapes=4:1:5", "one input channel"),
     ("--frameworks=cudnn", "unknown framework 'cudnn'"),
     ("--single=cudnn", "unknown framework 'cudnn'"),
     ("--repeats=0", "must be positive"),
