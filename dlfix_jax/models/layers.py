@@ -34,6 +34,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 KINDS = ("conv", "dense", "bn", "relu", "maxpool", "avgpool", "gap", "flatten",
          "dropout")
@@ -198,10 +199,12 @@ class Conv(nn.Conv):
       VGG16 training step);
     * a stride-1 convolution of a one-channel input (LeNet5's first layer
       on MNIST) is :func:`one_channel_conv`: a sum of kh*kw broadcast
-      products forward (fenced off from XLA:CPU's YNNPACK fusion) and
-      im2col matmuls for both gradients, instead of XLA:CPU's convolution
-      kernels, which are slow for one input channel (quiet machine: LeNet5
-      training 1.58x the examples/s of plain layers, PGD forward 3x).
+      products forward (fenced off from XLA:CPU's YNNPACK fusion), an
+      im2col matmul for the input gradient and banded row matmuls for the
+      kernel gradient, instead of XLA:CPU's convolution kernels, which are
+      slow for one input channel (quiet machine: LeNet5 training 1.58x the
+      examples/s of plain layers before the banded kernel gradient, PGD
+      forward 3x).
 
     Results equal ``nn.Conv``'s within float32 round-off (summation order).
     """
@@ -336,9 +339,9 @@ def one_channel_conv(x, kernel):
     reverse mode and vmap all work) is ``cols(t_x) @ k + cols(x) @ t_k``;
     reverse mode runs its transposes: the input gradient is one
     (N, F) x (F, kh*kw) matmul over the N = B*Ho*Wo output positions plus
-    kh*kw shifted adds (col2im), the kernel gradient one
-    (kh*kw, N) x (N, F) matmul. Equal to ``lax.conv_general_dilated``
-    within float32 round-off.
+    kh*kw shifted adds (col2im), the kernel gradient kh row matmuls
+    (:func:`_banded_rows`). Equal to ``lax.conv_general_dilated`` within
+    float32 round-off.
     """
     return fenced(_shifted_products, x, kernel)
 
@@ -350,18 +353,39 @@ def _cols(x, kh, kw):
                       for i in range(kh) for j in range(kw)], axis=-1)
 
 
+def _banded_rows(x, k):
+    """``_cols(x) @ k`` for a one-channel NHWC ``x`` and a (kh, kw, 1, F)
+    ``k``, as kh row matmuls: image rows (B*Ho, W) times banded (W, Wo*F)
+    matrices built from ``k[i]``. Its transpose in ``k`` (the kernel
+    gradient) is then kh matmuls (W, B*Ho) x (B*Ho, Wo*F) and a small
+    band sum, with no (B, Ho, Wo, kh*kw) column array."""
+    kh, kw, _, f = k.shape
+    b, h, w = x.shape[:3]
+    ho, wo = h - kh + 1, w - kw + 1
+    # band[j, a, c] = 1 iff a == c + j
+    band = jnp.asarray(np.stack([np.eye(w, wo, -j) for j in range(kw)]),
+                       k.dtype)
+    y = None
+    for i in range(kh):
+        m = jnp.einsum("jac,jf->acf", band, k[i, :, 0, :])
+        t = x[:, i:i + ho, :, 0].reshape(b * ho, w) @ m.reshape(w, wo * f)
+        y = t if y is None else y + t
+    return y.reshape(b, ho, wo, f)
+
+
 @one_channel_conv.defjvp
 def _one_channel_conv_jvp(primals, tangents):
     (x, kernel), (tx, tk) = primals, tangents
     kh, kw, _, f = kernel.shape
     y = one_channel_conv(x, kernel)
-    # Both tangents as im2col matmuls. Transposed, the input gradient (what
-    # PGD needs) is one matmul plus kh*kw shifted adds, ~6x faster than
-    # XLA:CPU's transposed convolution (0.83 vs 4.8 ms, LeNet5 conv1, batch
-    # 128), and the kernel gradient one (kh*kw, N) x (N, F) matmul, 1.7x
-    # faster than XLA's filter-gradient convolution (1.7 vs 2.9 ms).
-    dy = (_cols(tx, kh, kw) @ kernel.reshape(kh * kw, f)
-          + _cols(x, kh, kw) @ tk.reshape(kh * kw, f))
+    # Transposed, the input gradient (what PGD needs) is one im2col matmul
+    # plus kh*kw shifted adds, ~6x faster than XLA:CPU's transposed
+    # convolution (0.83 vs 4.8 ms, LeNet5 conv1, batch 128), and the kernel
+    # gradient kh banded row matmuls: 0.79 ms alone against 2.06 for the
+    # (kh*kw, N) x (N, F) im2col matmul it replaced (its column stack cost
+    # as much as its matmul) and 2.9 for XLA's filter-gradient convolution;
+    # a LeNet5 training step went from 5.1 to 3.6 ms (BENCHMARKS.md).
+    dy = _cols(tx, kh, kw) @ kernel.reshape(kh * kw, f) + _banded_rows(x, tk)
     return y, dy
 
 
