@@ -242,6 +242,27 @@ def test_cpu_workarounds_only_on_cpu(monkeypatch):
         _pool((2, 2), None, "VALID"))(x))
 
 
+@pytest.mark.parametrize("max_width", [0, 32])
+def test_one_channel_kernel_gradient_both_forms(monkeypatch, max_width):
+    """The kernel gradient (and forward tangent) equals XLA's in the banded
+    form (inputs up to ``BANDED_MAX_WIDTH`` wide) and in the im2col form
+    (wider inputs; forced here with a width limit of 0)."""
+    monkeypatch.setattr(L, "BANDED_MAX_WIDTH", max_width)
+    kx, kk, kd = jax.random.split(jax.random.key(7), 3)
+    x = jax.random.normal(kx, (3, 10, 9, 1))
+    k = jax.random.normal(kk, (4, 3, 1, 5))
+    ref = lambda k_: jax.lax.conv_general_dilated(  # noqa: E731
+        x, k_, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    dy = jax.random.normal(kd, ref(k).shape)
+    got = jax.grad(lambda k_: jnp.vdot(L.one_channel_conv(x, k_), dy))(k)
+    want = jax.grad(lambda k_: jnp.vdot(ref(k_), dy))(k)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    t = jax.random.normal(kd, k.shape)
+    _, jvp = jax.jvp(lambda k_: L.one_channel_conv(x, k_), (k,), (t,))
+    np.testing.assert_allclose(jvp, jax.jvp(ref, (k,), (t,))[1],
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU paths")
 def test_conv_cpu_path_names_the_path_taken(monkeypatch):
     """``Conv.cpu_path`` (also read by ``benchmarks._onednn_conv``) names

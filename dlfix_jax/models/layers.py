@@ -201,7 +201,8 @@ class Conv(nn.Conv):
       on MNIST) is :func:`one_channel_conv`: a sum of kh*kw broadcast
       products forward (fenced off from XLA:CPU's YNNPACK fusion), an
       im2col matmul for the input gradient and banded row matmuls for the
-      kernel gradient, instead of XLA:CPU's convolution kernels, which are
+      kernel gradient (inputs up to ``BANDED_MAX_WIDTH`` wide; im2col for
+      wider ones), instead of XLA:CPU's convolution kernels, which are
       slow for one input channel (quiet machine: LeNet5 training 1.58x the
       examples/s of plain layers before the banded kernel gradient, PGD
       forward 3x).
@@ -340,7 +341,8 @@ def one_channel_conv(x, kernel):
     reverse mode runs its transposes: the input gradient is one
     (N, F) x (F, kh*kw) matmul over the N = B*Ho*Wo output positions plus
     kh*kw shifted adds (col2im), the kernel gradient kh row matmuls
-    (:func:`_banded_rows`). Equal to ``lax.conv_general_dilated`` within
+    (:func:`_banded_rows`; one (kh*kw, N) x (N, F) matmul for inputs wider
+    than ``BANDED_MAX_WIDTH``). Equal to ``lax.conv_general_dilated`` within
     float32 round-off.
     """
     return fenced(_shifted_products, x, kernel)
@@ -351,6 +353,12 @@ def _cols(x, kh, kw):
     ho, wo = x.shape[1] - kh + 1, x.shape[2] - kw + 1
     return jnp.stack([_shifted(x, i, j, ho, wo)[..., 0]
                       for i in range(kh) for j in range(kw)], axis=-1)
+
+
+# Widest input (W) whose kernel tangent takes _banded_rows: its matmuls do
+# about W/kw times im2col's arithmetic, a win measured at W = 28 (MNIST);
+# wider inputs keep the im2col matmul until measured.
+BANDED_MAX_WIDTH = 32
 
 
 def _banded_rows(x, k):
@@ -381,11 +389,14 @@ def _one_channel_conv_jvp(primals, tangents):
     # Transposed, the input gradient (what PGD needs) is one im2col matmul
     # plus kh*kw shifted adds, ~6x faster than XLA:CPU's transposed
     # convolution (0.83 vs 4.8 ms, LeNet5 conv1, batch 128), and the kernel
-    # gradient kh banded row matmuls: 0.79 ms alone against 2.06 for the
-    # (kh*kw, N) x (N, F) im2col matmul it replaced (its column stack cost
-    # as much as its matmul) and 2.9 for XLA's filter-gradient convolution;
-    # a LeNet5 training step went from 5.1 to 3.6 ms (BENCHMARKS.md).
-    dy = _cols(tx, kh, kw) @ kernel.reshape(kh * kw, f) + _banded_rows(x, tk)
+    # gradient, for inputs up to BANDED_MAX_WIDTH wide, kh banded row
+    # matmuls: 0.79 ms alone against 2.06 for the (kh*kw, N) x (N, F)
+    # im2col matmul (kept for wider inputs; its column stack cost as much
+    # as its matmul), measured in one session; a LeNet5 training step went
+    # from 5.1 to 3.6 ms (BENCHMARKS.md).
+    dk = (_banded_rows(x, tk) if x.shape[2] <= BANDED_MAX_WIDTH
+          else _cols(x, kh, kw) @ tk.reshape(kh * kw, f))
+    dy = _cols(tx, kh, kw) @ kernel.reshape(kh * kw, f) + dk
     return y, dy
 
 
