@@ -116,13 +116,9 @@ def _data(batch, side, cin, cout, seed=0):
 
 
 def _time(fn, repeats) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best * 1e3
+    """Best steady-state milliseconds of ``fn`` after one warm-up call."""
+    from benchmarks._timing import timed
+    return 1e3 * timed(fn, repeats)[1]
 
 
 def _jax_kernels(framework, x, w, dy):

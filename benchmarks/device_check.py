@@ -36,23 +36,13 @@ import time
 
 from absl import app, flags
 
+from benchmarks._timing import timed
+
 flags.DEFINE_string("out", "runs/bench/device_check.json", "JSON output.")
 flags.DEFINE_bool("quick", False, "Tiny sizes (CPU smoke test).")
 FLAGS = flags.FLAGS
 
 
-def _timed(fn, repeats: int = 3):
-    """(first call s, best steady-state s) of ``fn`` (blocks on outputs)."""
-    import jax
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        best = min(best, time.perf_counter() - t)
-    return first, best
 
 
 def train_throughput(name: str, steps: int, batch: int = 128) -> dict:
@@ -106,11 +96,11 @@ def seed_strategies(n_pred: int, n_pgd: int, pgd_steps: int) -> list[dict]:
         xp = x[:n_pgd]
         y = np.zeros(n_pgd, np.int32)
         for strat in strategies:
-            f1, best = _timed(lambda: seed_axis.map_seeds(
+            f1, best = timed(lambda: seed_axis.map_seeds(
                 predict.model_logits(m), st, x, strategy=strat))
             rows.append({"task": "predict", "S": s, "strategy": strat,
                          "n": n_pred, "first_s": f1, "steady_s": best})
-            f1, best = _timed(lambda: pgd.attack_stack(
+            f1, best = timed(lambda: pgd.attack_stack(
                 m, st, xp, y, eps=0.15, bounds=(0.0, 1.0), steps=pgd_steps,
                 strategy=strat), repeats=2)
             rows.append({"task": "pgd", "S": s, "strategy": strat,
@@ -130,7 +120,7 @@ def pgd_one(n: int, steps: int) -> dict:
     v = m.init(jax.random.key(0))
     x = np.asarray(jax.random.uniform(jax.random.key(1), (n, 28, 28, 1)))
     y = np.zeros(n, np.int32)
-    f1, best = _timed(lambda: pgd.linf_pgd(m, v, x, y, eps=0.15,
+    f1, best = timed(lambda: pgd.linf_pgd(m, v, x, y, eps=0.15,
                                            bounds=(0.0, 1.0), steps=steps),
                       repeats=2)
     return {"n": n, "steps": steps, "first_s": f1, "steady_s": best}
@@ -163,7 +153,7 @@ def arachne_fix(problem, generations: int) -> dict:
     spec = fixers.get("arachne")
     cfg = fixers.fixer_config(spec, {"max_generations": generations,
                                      "patience": generations})
-    f1, best = _timed(lambda: spec.fix(jax.random.key(0), problem,
+    f1, best = timed(lambda: spec.fix(jax.random.key(0), problem,
                                        cfg).variables, repeats=1)
     return {"generations": generations, "first_s": f1, "steady_s": best}
 
@@ -185,7 +175,7 @@ def fix_seed_modes(problem, generations: int, seeds: int = 3) -> list[dict]:
                                    for k in keys]}
     rows = []
     for mode, fn in runs.items():
-        f1, best = _timed(fn, repeats=1)
+        f1, best = timed(fn, repeats=1)
         rows.append({"task": "fix", "S": seeds, "strategy": mode,
                      "first_s": f1, "steady_s": best})
     return rows
@@ -201,7 +191,7 @@ def apricot_epoch(problem, k: int) -> list[dict]:
     for strat in ("sequential", "vmap"):
         cfg = fixers.fixer_config(fixers.get("apricot"), {
             "num_rdlms": k, "rdlm_epochs": 1, "rdlm_strategy": strat})
-        f1, best = _timed(lambda: apricot.train_rdlms(
+        f1, best = timed(lambda: apricot.train_rdlms(
             jax.random.key(0), problem.model, problem.train,
             problem.num_classes, cfg, original=problem.variables)[0],
             repeats=1)
