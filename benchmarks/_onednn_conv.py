@@ -105,8 +105,8 @@ def make_conv(padding: str):
 def patch_layers() -> None:
     """Makes ``dlfix_jax.models.layers.Conv`` (for models built after this
     call, in this process) route every convolution whose
-    ``Conv.cpu_path`` is ``"xla"`` (the ones XLA:CPU's own kernels would
-    run) through :func:`make_conv`; its other CPU paths (small-input
+    ``Conv.cpu_path`` is ``"chunked"`` or ``"xla"`` (the ones XLA:CPU's
+    own convolution kernels would run) through :func:`make_conv`; its other CPU paths (small-input
     im2col, one-channel convolution) and other backends are unchanged.
     For the A/B measurement only."""
     import flax.linen as nn
@@ -119,7 +119,7 @@ def patch_layers() -> None:
     class OneDnnConv(base):
         @nn.compact
         def __call__(self, x):
-            if self.cpu_path(x) != "xla":
+            if self.cpu_path(x) not in ("chunked", "xla"):
                 return base.__call__(self, x)
             kh, kw = self.kernel_size
             kernel = self.param("kernel", self.kernel_init,

@@ -4,6 +4,7 @@ machine, each framework in its own subprocess.
 
 Run:
   python -m benchmarks.conv_kernels [--frameworks=xla,onednn,callback]
+      (optional framework: xla_kgrad)
       [--batch_size=128] [--repeats=5] [--out=runs/bench/conv_kernels.json]
 
 For every distinct convolution of ``dlfix_jax.models.zoo.vgg16`` on
@@ -19,8 +20,14 @@ Frameworks:
 
 * ``xla``: ``dlfix_jax.models.layers.Conv`` under ``jax.jit``, with the
   CPU paths our models take (the 2x2 block-5 maps go through its im2col
-  path); the two gradients are ``jax.linear_transpose`` of the convolution
-  in x and in the kernel, so no forward pass is timed with them;
+  path, the others take XLA's kernels for the value and the input
+  gradient and the chunked kernel gradient); the two gradients are
+  ``jax.vjp`` pullbacks whose unused forward value XLA removes as dead
+  code, so no forward pass is timed with them
+  (``jax.linear_transpose`` would transpose a ``custom_jvp``'s primal
+  and time XLA's filter gradient instead of the chunked one);
+* ``xla_kgrad``: the same with ``layers.CHUNKED_KERNEL_GRAD`` off, i.e.
+  XLA:CPU's own filter-gradient convolution (optional);
 * ``onednn``: TensorFlow's ``Conv2D``, ``Conv2DBackpropInput`` and
   ``Conv2DBackpropFilter`` (oneDNN on x86) on TensorFlow tensors;
 * ``callback``: the same TensorFlow kernels called from jitted JAX through
@@ -59,7 +66,7 @@ flags.DEFINE_string("single", None, "Internal: measure one framework in "
                     "this process and print its times as JSON.")
 FLAGS = flags.FLAGS
 
-FRAMEWORKS = ("xla", "onednn", "callback")
+FRAMEWORKS = ("xla", "xla_kgrad", "onednn", "callback")
 KERNELS = ("fwd", "grad_input", "grad_kernel")
 # (input side, input channels, filters, occurrences) of VGG16's 13
 # convolutions on 32x32x3 inputs (dlfix_jax.models.zoo.vgg16).
@@ -126,8 +133,9 @@ def _jax_kernels(framework, x, w, dy):
     import jax.numpy as jnp
 
     x, w, dy = jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy)
-    if framework == "xla":
+    if framework in ("xla", "xla_kgrad"):
         from dlfix_jax.models import layers
+        layers.CHUNKED_KERNEL_GRAD = framework == "xla"
         mod = layers.Conv(w.shape[-1], (3, 3), padding="SAME",
                           use_bias=False)
 
@@ -135,10 +143,10 @@ def _jax_kernels(framework, x, w, dy):
             return mod.apply({"params": {"kernel": w_}}, x_)
 
         fwd = jax.jit(conv)
-        gx = jax.jit(lambda w_, dy_: jax.linear_transpose(
-            lambda a: conv(a, w_), x)(dy_)[0])
-        gw = jax.jit(lambda x_, dy_: jax.linear_transpose(
-            lambda b: conv(x_, b), w)(dy_)[0])
+        gx = jax.jit(lambda w_, dy_: jax.vjp(
+            lambda a: conv(a, w_), x)[1](dy_)[0])
+        gw = jax.jit(lambda x_, dy_: jax.vjp(
+            lambda b: conv(x_, b), w)[1](dy_)[0])
     else:
         from benchmarks import _onednn_conv
         fwd, gx, gw = (jax.jit(f) for f in _onednn_conv.callbacks(

@@ -29,6 +29,10 @@ the rate over the whole call is reported beside it.
 * ``jax_plain`` (optional): ``jax`` with the XLA:CPU workarounds of
   :mod:`dlfix_jax.models.layers` switched off (``layers.on_cpu`` patched
   to False: plain ``nn.Conv`` / ``nn.max_pool``), to measure what they buy.
+* ``jax_xla_kgrad`` (optional): ``jax`` with
+  ``layers.CHUNKED_KERNEL_GRAD`` off, i.e. XLA:CPU's own filter-gradient
+  convolution for the kernel gradients (to measure what the chunked
+  kernel gradient buys).
 * ``keras_xla`` (optional): ``keras`` with ``jit_compile=True``, i.e. Keras 3
   on TensorFlow's XLA:CPU, the compiler our JAX code runs on (Keras 3's
   ``"auto"`` turns XLA off on a machine with no accelerator, so ``keras``
@@ -77,8 +81,8 @@ flags.DEFINE_string("single", None, "Internal: measure one 'model,framework'"
 FLAGS = flags.FLAGS
 
 SHAPES = {"lenet5": (28, 28, 1), "vgg16": (32, 32, 3)}
-FRAMEWORKS = ("jax", "jax_plain", "jax_onednn", "keras", "keras_xla",
-              "tf_keras")
+JAX_FRAMEWORKS = ("jax", "jax_plain", "jax_xla_kgrad", "jax_onednn")
+FRAMEWORKS = JAX_FRAMEWORKS + ("keras", "keras_xla", "tf_keras")
 
 
 def _data(model: str, steps: int, batch: int, seed: int = 0):
@@ -103,7 +107,8 @@ def _rates(t0: float, stamps: list, t1: float, batch: int,
 
 
 def bench_jax(model_name: str, steps: int, warmup: int, batch: int,
-              plain: bool = False, onednn: bool = False) -> dict:
+              plain: bool = False, onednn: bool = False,
+              xla_kgrad: bool = False) -> dict:
     import jax
 
     from dlfix_jax import models
@@ -111,9 +116,11 @@ def bench_jax(model_name: str, steps: int, warmup: int, batch: int,
     from dlfix_jax.data.source import Source
     from dlfix_jax.training import loop
 
+    from dlfix_jax.models import layers
     if plain:
-        from dlfix_jax.models import layers
         layers.on_cpu = lambda: False
+    if xla_kgrad:
+        layers.CHUNKED_KERNEL_GRAD = False
     if onednn:
         from benchmarks import _onednn_conv
         _onednn_conv.patch_layers()
@@ -213,9 +220,10 @@ def bench_keras(which: str, model_name: str, steps: int, warmup: int,
 
 def _measure(name: str, fw: str) -> dict:
     steps = getattr(FLAGS, f"{name}_steps")
-    if fw in ("jax", "jax_plain", "jax_onednn"):
+    if fw in JAX_FRAMEWORKS:
         return bench_jax(name, steps, FLAGS.warmup_steps, FLAGS.batch_size,
-                         plain=fw == "jax_plain", onednn=fw == "jax_onednn")
+                         plain=fw == "jax_plain", onednn=fw == "jax_onednn",
+                         xla_kgrad=fw == "jax_xla_kgrad")
     return bench_keras(fw, name, steps, FLAGS.warmup_steps, FLAGS.batch_size)
 
 

@@ -232,10 +232,12 @@ def test_cpu_workarounds_only_on_cpu(monkeypatch):
     assert L.on_cpu() == (jax.default_backend() == "cpu")
     monkeypatch.setattr(L, "on_cpu", lambda: False)
     for shape, kernel, padding in [((2, 8, 8, 1), (3, 3), "VALID"),
-                                   ((2, 2, 2, 4), (3, 3), "SAME")]:
+                                   ((2, 2, 2, 4), (3, 3), "SAME"),
+                                   ((2, 8, 8, 3), (3, 3), "SAME")]:
         x, v, ours, ref = _conv_pair(shape, kernel, padding)
         jaxpr = str(jax.make_jaxpr(lambda x: ours.apply(v, x))(x))
         assert "one_channel_conv" not in jaxpr and "conv_general_dilated" in jaxpr
+        assert "custom_jvp" not in jaxpr
         np.testing.assert_array_equal(ours.apply(v, x), ref.apply(v, x))
     x = _inputs((2, 8, 8, 3), 0, ties=False)
     assert "reduce_window" in str(jax.make_jaxpr(
@@ -263,21 +265,123 @@ def test_one_channel_kernel_gradient_both_forms(monkeypatch, max_width):
                                rtol=1e-5, atol=1e-5)
 
 
+# (input shape, kernel, padding, KERNEL_GRAD_ROWS): several chunks with a
+# remainder, one chunk, SAME and VALID, non-square kernels.
+CHUNKED = [((7, 8, 8, 3), (3, 3), "SAME", 128),     # chunks of 2, one left
+           ((5, 10, 9, 6), (5, 5), "VALID", 60),    # LeNet5's conv2 kind
+           ((4, 6, 5, 2), (2, 3), "SAME", 2048),    # the batch in one chunk
+           ((3, 4, 4, 4), (3, 3), "SAME", 1)]       # one image per chunk
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU paths")
+@pytest.mark.parametrize("shape,kernel,padding,rows", CHUNKED)
+def test_chunked_kernel_grad_conv_matches_nn_conv(monkeypatch, shape, kernel,
+                                                  padding, rows):
+    """The multi-channel CPU path (XLA's value and input gradient, the
+    chunked kernel gradient): nn.Conv's parameters, values, gradients
+    (parameters only, input only, both), JVPs, vmap over kernels and
+    Hessians within round-off, whatever the chunking."""
+    monkeypatch.setattr(L, "KERNEL_GRAD_ROWS", rows)
+    monkeypatch.setattr(L, "CHUNKED_MIN_COLUMN_BYTES", 0)
+    x, v, ours, ref = _conv_pair(shape, kernel, padding, features=5)
+    assert ours.cpu_path(x) == "chunked"
+    loss = lambda m: lambda vv, xx: jnp.sum(jnp.sin(m.apply(vv, xx)))
+    assert "scan" in str(jax.make_jaxpr(jax.grad(loss(ours)))(v, x))
+    _close(ours.apply(v, x), ref.apply(v, x), 1e-5, 1e-5)
+    for argnums in (0, 1, (0, 1)):
+        _close(jax.jit(jax.grad(loss(ours), argnums=argnums))(v, x),
+               jax.grad(loss(ref), argnums=argnums)(v, x))
+    tv = jax.tree.map(lambda a: jnp.cos(jnp.arange(a.size, dtype=a.dtype)
+                                        ).reshape(a.shape), v)
+    _close(jax.jvp(ours.apply, (v, x), (tv, jnp.sin(x)))[1],
+           jax.jvp(ref.apply, (v, x), (tv, jnp.sin(x)))[1])
+    vs = jax.tree.map(lambda a: jnp.stack([a, -0.5 * a]), v)
+    _close(jax.vmap(jax.grad(loss(ours)), (0, None))(vs, x),
+           jax.vmap(jax.grad(loss(ref)), (0, None))(vs, x))
+    xs = jnp.stack([x, jnp.cos(x)])  # models and inputs both batched
+    _close(jax.vmap(jax.grad(loss(ours)))(vs, xs),
+           jax.vmap(jax.grad(loss(ref)))(vs, xs))
+    k = v["params"]["kernel"]
+    hess = lambda f: jax.hessian(lambda kk: jnp.sum(jnp.sin(f(x, kk))))(k)
+    _close(hess(lambda xx, kk: L.chunked_kernel_conv(xx, kk, padding)),
+           hess(lambda xx, kk: L._xla_conv(xx, kk, padding)))
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU paths")
+def test_chunked_kernel_grad_one_sided_tangents_and_switch(monkeypatch):
+    """Forward mode with only an input tangent (RA's use) or only a kernel
+    tangent; ``CHUNKED_KERNEL_GRAD = False`` leaves the convolution wholly
+    to nn.Conv (no scan in the gradient)."""
+    monkeypatch.setattr(L, "CHUNKED_MIN_COLUMN_BYTES", 0)
+    x, v, ours, ref = _conv_pair((3, 8, 8, 3), (3, 3), "SAME")
+    tv = jax.tree.map(jnp.cos, v)
+    zv = jax.tree.map(jnp.zeros_like, v)
+    for tangents in ((zv, jnp.sin(x)), (tv, jnp.zeros_like(x))):
+        _close(jax.jvp(ours.apply, (v, x), tangents)[1],
+               jax.jvp(ref.apply, (v, x), tangents)[1])
+    # Symbolic zeros: no kernel tangent, then no input tangent.
+    _close(jax.jvp(lambda xx: ours.apply(v, xx), (x,), (jnp.sin(x),))[1],
+           jax.jvp(lambda xx: ref.apply(v, xx), (x,), (jnp.sin(x),))[1])
+    _close(jax.jvp(lambda vv: ours.apply(vv, x), (v,), (tv,))[1],
+           jax.jvp(lambda vv: ref.apply(vv, x), (v,), (tv,))[1])
+    grad = lambda: str(jax.make_jaxpr(jax.grad(  # noqa: E731
+        lambda vv: jnp.sum(ours.apply(vv, x))))(v))
+    assert "scan" in grad()
+    monkeypatch.setattr(L, "CHUNKED_KERNEL_GRAD", False)
+    jaxpr = grad()
+    assert "scan" not in jaxpr and "custom_jvp" not in jaxpr
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU paths")
+@pytest.mark.parametrize("shape,kernel,padding", [
+    ((2, 8, 8, 3), (3, 3), "SAME"),      # chunked
+    ((2, 8, 8, 1), (3, 3), "VALID"),     # one-channel
+    ((2, 2, 2, 4), (3, 3), "SAME")])     # im2col
+def test_cpu_paths_promote_dtypes_as_nn_conv(monkeypatch, shape, kernel,
+                                             padding):
+    """Every CPU path computes in the dtype nn.Conv would: bfloat16 or
+    integer inputs with float32 parameters, and an explicit ``dtype``."""
+    monkeypatch.setattr(L, "CHUNKED_MIN_COLUMN_BYTES", 0)
+    x, v, _, _ = _conv_pair(shape, kernel, padding)
+    for xin, dtype in ((x.astype(jnp.bfloat16), None),
+                       ((x * 10).astype(jnp.uint8), None),
+                       (x, jnp.bfloat16)):
+        ours = L.Conv(4, kernel, padding=padding, dtype=dtype)
+        ref = nn.Conv(4, kernel, padding=padding, dtype=dtype)
+        assert ours.cpu_path(xin) is not None
+        got, want = ours.apply(v, xin), ref.apply(v, xin)
+        assert got.dtype == want.dtype, (xin.dtype, dtype)
+        _close(got.astype(jnp.float32), want.astype(jnp.float32), 2e-2, 2e-2)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU paths")
 def test_conv_cpu_path_names_the_path_taken(monkeypatch):
     """``Conv.cpu_path`` (also read by ``benchmarks._onednn_conv``) names
     the path ``__call__`` takes; the small-input path wins over the
-    one-channel one, and other backends get None."""
+    one-channel one; multi-channel convolutions are chunked from
+    ``CHUNKED_MIN_COLUMN_BYTES`` of im2col columns; other backends get
+    None."""
+    default = L.Conv(64, (3, 3), padding="SAME")
+    assert default.cpu_path(jnp.zeros((128, 32, 32, 3))) == "chunked"  # VGG16
+    assert default.cpu_path(jnp.zeros((16, 32, 32, 3))) == "xla"  # 1.8 MB
+    assert L.Conv(16, (3, 3), padding="VALID").cpu_path(
+        jnp.zeros((128, 8, 8, 6))) == "xla"  # LeNet5's conv2, 1 MB
+    monkeypatch.setattr(L, "CHUNKED_MIN_COLUMN_BYTES", 0)
     cases = [((2, 2, 2, 4), "SAME", {}, "im2col"),
              ((2, 2, 2, 1), "SAME", {}, "im2col"),
              ((2, 8, 8, 1), "VALID", {}, "one_channel"),
-             ((2, 8, 8, 3), "SAME", {}, "xla"),
-             ((2, 2, 2, 4), "VALID", {}, "xla"),
+             ((2, 8, 8, 3), "SAME", {}, "chunked"),
+             ((2, 3, 3, 4), "VALID", {}, "chunked"),
              ((2, 8, 8, 3), "SAME", {"strides": 2}, None),
+             ((2, 2, 2, 4), "VALID", {}, None),   # input < kernel
+             ((2, 8, 8, 3), "SAME", {"precision": "highest"}, None),
              ((2, 8, 8, 3), "SAME", {"kernel_dilation": 2}, None)]
     for shape, padding, kw, want in cases:
         conv = L.Conv(4, (3, 3), padding=padding, **kw)
         assert conv.cpu_path(jnp.zeros(shape)) == want, (shape, padding, kw)
+    monkeypatch.setattr(L, "CHUNKED_KERNEL_GRAD", False)
+    assert L.Conv(4, (3, 3), padding="SAME").cpu_path(
+        jnp.zeros((2, 8, 8, 3))) == "xla"
     monkeypatch.setattr(L, "ONE_CHANNEL_CONV", False)
     assert L.Conv(4, (3, 3), padding="VALID").cpu_path(
         jnp.zeros((2, 8, 8, 1))) == "xla"

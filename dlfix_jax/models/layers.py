@@ -183,13 +183,13 @@ def _tiled_max_pool_jvp(window, primals, tangents):
 def on_cpu() -> bool:
     """Whether the computation being traced targets XLA:CPU (the default
     backend), the only backend the CPU workarounds of this module
-    (tiled max pool, small-input im2col, one-channel convolution) were
-    measured on; other backends get the plain flax/XLA operations."""
+    (tiled max pool, small-input im2col, one-channel convolution, chunked
+    kernel gradient) were measured on; other backends get the plain flax/XLA operations."""
     return jax.default_backend() == "cpu"
 
 
 class Conv(nn.Conv):
-    """``nn.Conv`` with the same parameters, plus two XLA:CPU-only paths
+    """``nn.Conv`` with the same parameters, plus three XLA:CPU-only paths
     (:func:`on_cpu`; other backends always take ``nn.Conv``):
 
     * a stride-1 SAME convolution whose input is spatially smaller than its
@@ -205,49 +205,76 @@ class Conv(nn.Conv):
       wider ones), instead of XLA:CPU's convolution kernels, which are
       slow for one input channel (quiet machine: LeNet5 training 1.58x the
       examples/s of plain layers before the banded kernel gradient, PGD
-      forward 3x).
+      forward 3x);
+    * any other stride-1 convolution (``"chunked"``) keeps XLA's kernels
+      for the value and the input gradient but takes its kernel gradient
+      from :func:`chunked_kernel_conv`: im2col over a few images at a time
+      and one matmul each, accumulated over the batch (XLA:CPU's own
+      filter-gradient convolution runs at about a third of its forward
+      speed; VGG16's kernel gradients 1.6-2.5x faster on its 32x32 to 8x8
+      layers, its training step 1.14-1.20x).
 
     Results equal ``nn.Conv``'s within float32 round-off (summation order).
     """
 
     def cpu_path(self, x) -> str | None:
         """How this layer computes ``x`` on XLA:CPU: ``"im2col"`` (input
-        smaller than the kernel window), ``"one_channel"``, ``"xla"`` (a
-        plain stride-1 NHWC convolution left to ``nn.Conv``), or None
-        (another backend, or a form these paths do not cover: strides,
-        dilation, groups, explicit padding)."""
+        smaller than the kernel window), ``"one_channel"``, ``"chunked"``
+        (any other stride-1 NHWC convolution whose whole-batch im2col
+        columns would take at least ``CHUNKED_MIN_COLUMN_BYTES``: XLA's
+        kernels but the chunked kernel gradient), ``"xla"`` (the same left
+        wholly to ``nn.Conv``: smaller, or ``CHUNKED_KERNEL_GRAD`` off), or
+        None (another
+        backend, or a form these paths do not cover: strides, dilation,
+        groups, explicit padding, a weight mask, an explicit precision or
+        convolution function, a VALID input smaller than the kernel)."""
         kh, kw = self.kernel_size
         if not (x.ndim == 4 and on_cpu() and _all_ones(self.strides)
                 and self.feature_group_count == 1
                 and _all_ones(self.kernel_dilation)
                 and _all_ones(self.input_dilation)
-                and self.padding in ("SAME", "VALID")):
+                and self.padding in ("SAME", "VALID")
+                and self.mask is None and self.precision is None
+                and self.conv_general_dilated is None
+                and self.conv_general_dilated_cls is None):
+            return None
+        if self.padding == "VALID" and (x.shape[1] < kh or x.shape[2] < kw):
             return None
         if self.padding == "SAME" and x.shape[1] * x.shape[2] < kh * kw:
             return "im2col"
         if ONE_CHANNEL_CONV and x.shape[-1] == 1:
             return "one_channel"
+        ho, wo = ((x.shape[1], x.shape[2]) if self.padding == "SAME" else
+                  (x.shape[1] - kh + 1, x.shape[2] - kw + 1))
+        columns = (x.shape[0] * ho * wo * kh * kw * x.shape[-1]
+                   * jnp.dtype(self.param_dtype).itemsize)
+        if CHUNKED_KERNEL_GRAD and columns >= CHUNKED_MIN_COLUMN_BYTES:
+            return "chunked"
         return "xla"
 
     @nn.compact
     def __call__(self, x):
         path = self.cpu_path(x)
-        if path not in ("im2col", "one_channel"):
+        if path not in ("im2col", "one_channel", "chunked"):
             return super().__call__(x)
         kh, kw = self.kernel_size
-        small = path == "im2col"
         kernel = self.param("kernel", self.kernel_init,
                             (kh, kw, x.shape[-1], self.features),
                             self.param_dtype)
-        if small:
-            y = _im2col_same_conv(x, kernel)
+        bias = (self.param("bias", self.bias_init, (self.features,),
+                           self.param_dtype) if self.use_bias else None)
+        # As nn.Conv: the computation dtype from the inputs, parameters and
+        # ``dtype``.
+        x, kernel, bias = self.promote_dtype(x, kernel, bias,
+                                             dtype=self.dtype)
+        if path == "im2col":
+            y = _im2col_conv(x, kernel, "SAME")
+        elif path == "chunked":
+            y = chunked_kernel_conv(x, kernel, self.padding)
         else:
             y = one_channel_conv(_same_pad(x, kernel.shape)
                                  if self.padding == "SAME" else x, kernel)
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,),
-                               self.param_dtype)
-        return y
+        return y if bias is None else y + bias
 
 
 def _all_ones(v) -> bool:
@@ -267,20 +294,106 @@ def _same_pad(x, kernel_shape):
                        (pw // 2, pw - pw // 2), (0, 0)))
 
 
-def _im2col_same_conv(x, kernel):
-    """Stride-1 SAME convolution (XLA's padding split) as one matmul."""
+# Off switch (A/B measurements, tests): False makes one-channel
+# convolutions take nn.Conv on CPU too.
+ONE_CHANNEL_CONV = True
+
+# Off switch (A/B measurements, tests): False leaves the kernel gradient of
+# the "chunked" path's convolutions to XLA (cpu_path then says "xla").
+CHUNKED_KERNEL_GRAD = True
+
+# Smallest whole-batch im2col column array (bytes) whose convolution takes
+# the chunked kernel gradient. Measured wins from 14 MB up (every VGG16
+# layer at batch 128: 32x32x3, 30.8 -> 12.5 ms); at LeNet5's conv2 (1 MB at
+# batch 128) training was level (1.01x), and on small models the extra scan
+# only costs compile time (`make study` on digits: 7m43s with every
+# multi-channel convolution chunked, 6m33s with none; BENCHMARKS.md).
+CHUNKED_MIN_COLUMN_BYTES = 8 * 2**20
+
+# Output positions per chunk of the chunked kernel gradient (2 images of
+# 32x32, 8 of 16x16). Of 1,024 / 2,048 / 4,096 no size was fastest on every
+# VGG16 layer: 2,048 was fastest on the largest layer (32x32x64, 147 vs
+# 202 / 158 ms) and within 25% of the fastest on the others (scratch,
+# BENCHMARKS.md). The chunk ignores a vmap axis (S models hold S times the
+# columns).
+KERNEL_GRAD_ROWS = 2048
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def _xla_conv(x, kernel, padding):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
+                                        dimension_numbers=_DN)
+
+
+def _im2col_conv(x, kernel, padding):
+    """Stride-1 ``padding`` convolution as one im2col matmul (XLA's SAME
+    split)."""
     kh, kw, cin, f = kernel.shape
-    x = _same_pad(x, kernel.shape)
+    if padding == "SAME":
+        x = _same_pad(x, kernel.shape)
     b, ho, wo = x.shape[0], x.shape[1] - kh + 1, x.shape[2] - kw + 1
-    cols = jnp.concatenate([x[:, i:i + ho, j:j + wo]
+    cols = jnp.concatenate([_shifted(x, i, j, ho, wo)
                             for i in range(kh) for j in range(kw)], axis=-1)
     return (cols.reshape(-1, kh * kw * cin)
             @ kernel.reshape(kh * kw * cin, f)).reshape(b, ho, wo, f)
 
 
-# Off switch (A/B measurements, tests): False makes one-channel
-# convolutions take nn.Conv on CPU too.
-ONE_CHANNEL_CONV = True
+def _kernel_tangent(x, tk, padding):
+    """``conv(x, tk)`` as im2col matmuls over chunks of about
+    ``KERNEL_GRAD_ROWS`` output positions (a ``lax.scan`` over the batch),
+    each chunk rematerialised (``jax.checkpoint``): reverse mode then
+    rebuilds one chunk's columns at a time and accumulates the kernel
+    gradient, with no whole-batch column array (VGG16's first 32x32 layer:
+    302 MB) and no residual but ``x``."""
+    kh, kw = tk.shape[:2]
+    b, h, w = x.shape[:3]
+    ho, wo = (h, w) if padding == "SAME" else (h - kh + 1, w - kw + 1)
+    c = max(1, min(b, KERNEL_GRAD_ROWS // max(1, ho * wo)))
+    full = b // c
+    part = jax.checkpoint(functools.partial(_im2col_conv, padding=padding),
+                          policy=jax.checkpoint_policies.nothing_saveable)
+    xs = x[:full * c].reshape(full, c, *x.shape[1:])
+    _, ys = jax.lax.scan(lambda carry, xc: (carry, part(xc, tk)), None, xs)
+    y = ys.reshape(full * c, *ys.shape[2:])
+    if b % c:
+        y = jnp.concatenate([y, part(x[full * c:], tk)])
+    return y
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def chunked_kernel_conv(x, kernel, padding):
+    """Stride-1 NHWC/HWIO convolution with ``padding`` "SAME" or "VALID":
+    XLA's convolution for the value and the input gradient; the kernel
+    tangent is :func:`_kernel_tangent`, so the kernel gradient (its
+    transpose) is one (kh*kw*C, R) x (R, F) matmul per chunk of R ~
+    ``KERNEL_GRAD_ROWS`` output positions, accumulated by a scan.
+
+    XLA:CPU's filter-gradient convolution runs at about a third of its
+    forward speed for the same FLOPs; this form is 1.6-2.5x faster on
+    VGG16's 32x32, 16x16 and 8x8 layers and on par on its 4x4 ones
+    (batch 128, ``benchmarks.conv_kernels``; BENCHMARKS.md). Forward
+    mode, reverse mode, vmap and higher derivatives all work
+    (``custom_jvp`` over standard primitives). Equal to
+    ``lax.conv_general_dilated`` within float32 round-off.
+    """
+    return _xla_conv(x, kernel, padding)
+
+
+@functools.partial(chunked_kernel_conv.defjvp, symbolic_zeros=True)
+def _chunked_kernel_conv_jvp(padding, primals, tangents):
+    (x, kernel), (tx, tk) = primals, tangents
+    y = _xla_conv(x, kernel, padding)
+    # Symbolic zeros: no input-gradient convolution for a network's input,
+    # no kernel gradient for a frozen kernel.
+    parts = []
+    if not isinstance(tx, jax.custom_derivatives.SymbolicZero):
+        parts.append(_xla_conv(tx, kernel, padding))
+    if not isinstance(tk, jax.custom_derivatives.SymbolicZero):
+        parts.append(_kernel_tangent(x, tk, padding))
+    if not parts:
+        return y, jnp.zeros_like(y)
+    return y, functools.reduce(jnp.add, parts)
 
 
 def _shifted(x, i, j, ho, wo):
