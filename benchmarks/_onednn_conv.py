@@ -106,8 +106,9 @@ def patch_layers() -> None:
     """Makes ``dlfix_jax.models.layers.Conv`` (for models built after this
     call, in this process) route every convolution whose
     ``Conv.cpu_path`` is ``"chunked"`` or ``"xla"`` (the ones XLA:CPU's
-    own convolution kernels would run) through :func:`make_conv`; its other CPU paths (small-input
-    im2col, one-channel convolution) and other backends are unchanged.
+    own convolution kernels would run) through :func:`make_conv`; its
+    other CPU paths (small-input im2col, one-channel convolution) and
+    other backends are unchanged.
     For the A/B measurement only."""
     import flax.linen as nn
 

@@ -184,7 +184,8 @@ def on_cpu() -> bool:
     """Whether the computation being traced targets XLA:CPU (the default
     backend), the only backend the CPU workarounds of this module
     (tiled max pool, small-input im2col, one-channel convolution, chunked
-    kernel gradient) were measured on; other backends get the plain flax/XLA operations."""
+    kernel gradient) were measured on; other backends get the plain
+    flax/XLA operations."""
     return jax.default_backend() == "cpu"
 
 
@@ -224,8 +225,7 @@ class Conv(nn.Conv):
         columns would take at least ``CHUNKED_MIN_COLUMN_BYTES``: XLA's
         kernels but the chunked kernel gradient), ``"xla"`` (the same left
         wholly to ``nn.Conv``: smaller, or ``CHUNKED_KERNEL_GRAD`` off), or
-        None (another
-        backend, or a form these paths do not cover: strides, dilation,
+        None (another backend, or a form these paths do not cover: strides, dilation,
         groups, explicit padding, a weight mask, an explicit precision or
         convolution function, a VALID input smaller than the kernel)."""
         kh, kw = self.kernel_size
@@ -244,8 +244,7 @@ class Conv(nn.Conv):
             return "im2col"
         if ONE_CHANNEL_CONV and x.shape[-1] == 1:
             return "one_channel"
-        ho, wo = ((x.shape[1], x.shape[2]) if self.padding == "SAME" else
-                  (x.shape[1] - kh + 1, x.shape[2] - kw + 1))
+        ho, wo = _out_hw(x.shape, (kh, kw), self.padding)
         columns = (x.shape[0] * ho * wo * kh * kw * x.shape[-1]
                    * jnp.dtype(self.param_dtype).itemsize)
         if CHUNKED_KERNEL_GRAD and columns >= CHUNKED_MIN_COLUMN_BYTES:
@@ -321,6 +320,13 @@ KERNEL_GRAD_ROWS = 2048
 _DN = ("NHWC", "HWIO", "NHWC")
 
 
+def _out_hw(x_shape, kernel_hw, padding):
+    """Output (height, width) of a stride-1 SAME or VALID convolution."""
+    if padding == "SAME":
+        return x_shape[1], x_shape[2]
+    return x_shape[1] - kernel_hw[0] + 1, x_shape[2] - kernel_hw[1] + 1
+
+
 def _xla_conv(x, kernel, padding):
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
                                         dimension_numbers=_DN)
@@ -346,9 +352,8 @@ def _kernel_tangent(x, tk, padding):
     rebuilds one chunk's columns at a time and accumulates the kernel
     gradient, with no whole-batch column array (VGG16's first 32x32 layer:
     302 MB) and no residual but ``x``."""
-    kh, kw = tk.shape[:2]
-    b, h, w = x.shape[:3]
-    ho, wo = (h, w) if padding == "SAME" else (h - kh + 1, w - kw + 1)
+    b = x.shape[0]
+    ho, wo = _out_hw(x.shape, tk.shape[:2], padding)
     c = max(1, min(b, KERNEL_GRAD_ROWS // max(1, ho * wo)))
     full = b // c
     part = jax.checkpoint(functools.partial(_im2col_conv, padding=padding),
@@ -385,14 +390,13 @@ def _chunked_kernel_conv_jvp(padding, primals, tangents):
     (x, kernel), (tx, tk) = primals, tangents
     y = _xla_conv(x, kernel, padding)
     # Symbolic zeros: no input-gradient convolution for a network's input,
-    # no kernel gradient for a frozen kernel.
+    # no kernel gradient for a frozen kernel (JAX never calls the rule with
+    # both tangents zero, so one part at least is present).
     parts = []
     if not isinstance(tx, jax.custom_derivatives.SymbolicZero):
         parts.append(_xla_conv(tx, kernel, padding))
     if not isinstance(tk, jax.custom_derivatives.SymbolicZero):
         parts.append(_kernel_tangent(x, tk, padding))
-    if not parts:
-        return y, jnp.zeros_like(y)
     return y, functools.reduce(jnp.add, parts)
 
 
