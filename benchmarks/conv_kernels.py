@@ -4,7 +4,7 @@ machine, each framework in its own subprocess.
 
 Run:
   python -m benchmarks.conv_kernels [--frameworks=xla,onednn,callback]
-      (optional framework: xla_kgrad)
+      (optional frameworks: xla_kgrad, winograd)
       [--batch_size=128] [--repeats=5] [--out=runs/bench/conv_kernels.json]
 
 For every distinct convolution of ``dlfix_jax.models.zoo.vgg16`` on
@@ -28,6 +28,9 @@ Frameworks:
   and time XLA's filter gradient instead of the chunked one);
 * ``xla_kgrad``: the same with ``layers.CHUNKED_KERNEL_GRAD`` off, i.e.
   XLA:CPU's own filter-gradient convolution (optional);
+* ``winograd`` (optional, an experiment): ``benchmarks._winograd``'s
+  F(2x2, 3x3) convolution in plain JAX, both gradients by autodiff (every
+  shape, the 2x2 maps included);
 * ``onednn``: TensorFlow's ``Conv2D``, ``Conv2DBackpropInput`` and
   ``Conv2DBackpropFilter`` (oneDNN on x86) on TensorFlow tensors;
 * ``callback``: the same TensorFlow kernels called from jitted JAX through
@@ -54,7 +57,8 @@ import time
 from absl import app, flags
 
 flags.DEFINE_list("frameworks", ["xla", "onednn", "callback"],
-                  "Frameworks to measure (xla, onednn, callback).")
+                  "Frameworks to measure (xla, onednn, callback; optional: "
+                  "xla_kgrad, winograd).")
 flags.DEFINE_list("shapes", None, "Layers as side:cin:cout[:count] "
                   "(default: every distinct VGG16 convolution on CIFAR-10, "
                   "with its count in the model).")
@@ -66,7 +70,7 @@ flags.DEFINE_string("single", None, "Internal: measure one framework in "
                     "this process and print its times as JSON.")
 FLAGS = flags.FLAGS
 
-FRAMEWORKS = ("xla", "xla_kgrad", "onednn", "callback")
+FRAMEWORKS = ("xla", "xla_kgrad", "winograd", "onednn", "callback")
 KERNELS = ("fwd", "grad_input", "grad_kernel")
 # (input side, input channels, filters, occurrences) of VGG16's 13
 # convolutions on 32x32x3 inputs (dlfix_jax.models.zoo.vgg16).
@@ -133,14 +137,17 @@ def _jax_kernels(framework, x, w, dy):
     import jax.numpy as jnp
 
     x, w, dy = jnp.asarray(x), jnp.asarray(w), jnp.asarray(dy)
-    if framework in ("xla", "xla_kgrad"):
-        from dlfix_jax.models import layers
-        layers.CHUNKED_KERNEL_GRAD = framework == "xla"
-        mod = layers.Conv(w.shape[-1], (3, 3), padding="SAME",
-                          use_bias=False)
+    if framework in ("xla", "xla_kgrad", "winograd"):
+        if framework == "winograd":
+            from benchmarks._winograd import conv3x3_same as conv
+        else:
+            from dlfix_jax.models import layers
+            layers.CHUNKED_KERNEL_GRAD = framework == "xla"
+            mod = layers.Conv(w.shape[-1], (3, 3), padding="SAME",
+                              use_bias=False)
 
-        def conv(x_, w_):
-            return mod.apply({"params": {"kernel": w_}}, x_)
+            def conv(x_, w_):
+                return mod.apply({"params": {"kernel": w_}}, x_)
 
         fwd = jax.jit(conv)
         gx = jax.jit(lambda w_, dy_: jax.vjp(

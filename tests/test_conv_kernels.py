@@ -47,6 +47,28 @@ def test_callback_conv_matches_xla_values_and_gradients(padding):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("hw", [(8, 8), (7, 5), (2, 2), (1, 3)])
+def test_winograd_conv_matches_xla_values_and_gradients(hw):
+    """The ``winograd`` experiment computes the same function as XLA's
+    SAME 3x3 convolution, odd and smaller-than-kernel maps included."""
+    from benchmarks._winograd import conv3x3_same
+    kx, kw, kd = jax.random.split(jax.random.key(3), 3)
+    x = jax.random.normal(kx, (2, *hw, 3))
+    w = jax.random.normal(kw, (3, 3, 3, 4))
+    ref = _xla_conv(x, w, "SAME")
+    np.testing.assert_allclose(jax.jit(conv3x3_same)(x, w), ref,
+                               rtol=1e-5, atol=1e-5)
+    dy = jax.random.normal(kd, ref.shape)
+    loss = lambda f: lambda a, b: jnp.vdot(f(a, b), dy)  # noqa: E731
+    got = jax.grad(loss(conv3x3_same), argnums=(0, 1))(x, w)
+    want = jax.grad(loss(lambda a, b: _xla_conv(a, b, "SAME")),
+                    argnums=(0, 1))(x, w)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="3x3 kernel"):
+        conv3x3_same(x, w[:2])
+
+
 def test_patched_layers_route_only_what_xla_would_run(monkeypatch):
     """``patch_layers`` sends the convolutions ``Conv.cpu_path`` leaves to
     XLA (SAME and VALID) through the callback and keeps the im2col and
