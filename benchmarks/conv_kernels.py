@@ -203,8 +203,11 @@ def _row(label, k, vals, frameworks, ratio_to) -> str:
     line = (f"| {label} | {k} | "
             + " | ".join(f"{vals[fw]:.1f}" for fw in frameworks) + " |")
     if ratio_to:
-        line += " " + " | ".join(f"{vals['xla'] / vals[fw]:.2f}x"
-                                 for fw in ratio_to) + " |"
+        # A sum can be 0 ms: the weighted input gradient of a one-layer
+        # --shapes list (the first layer's is left out).
+        line += " " + " | ".join(
+            f"{vals['xla'] / vals[fw]:.2f}x" if vals[fw] else "-"
+            for fw in ratio_to) + " |"
     return line
 
 

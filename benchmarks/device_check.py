@@ -12,25 +12,26 @@
   with more than one device, sharded);
 * PGD, 500 inputs x 40 steps, one LeNet5;
 * Arachne on the embedded digits with a digits-trained LeNet5 (one fix);
-* one Apricot reduced-model epoch (K models, sequential vs vmap).
+* one Apricot reduced-model epoch (K models, sequential vs vmap);
 * Arachne's 3 seeds in one ``vmap(fix)`` vs one after another (task
   ``"fix"``);
 * a search population scored with vmap vs lax_map, last Dense and hidden
   layer + tail (tasks ``"population_head"`` / ``"population"``,
-  :func:`benchmarks._population.measure`, shorter runs).
+  :func:`benchmarks._population.measure`, shorter runs);
 * the multi-layer search fitness in its two forms, low rank vs the
   matmul re-run, at four gene counts (``_fitness.LOW_RANK_MAX_FRACTION``;
   :func:`benchmarks._tail_fitness.measure`, zoo LeNet5).
 
 It writes one JSON file with the backend, device kinds, versions and every
-number, and prints a summary. Budget: under 8 minutes on one GPU; ``--quick``
+number (rewritten after each section, with ``"complete": false`` until
+the last, so a run cut short keeps what it measured), and prints a
+summary. Budget: under 8 minutes on one GPU; ``--quick``
 shrinks every size for a CPU smoke test.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import platform
 import time
 
@@ -41,8 +42,6 @@ from benchmarks._timing import timed
 flags.DEFINE_string("out", "runs/bench/device_check.json", "JSON output.")
 flags.DEFINE_bool("quick", False, "Tiny sizes (CPU smoke test).")
 FLAGS = flags.FLAGS
-
-
 
 
 def train_throughput(name: str, steps: int, batch: int = 128) -> dict:
@@ -210,33 +209,54 @@ def main(argv):
            "devices": [str(d) for d in jax.devices()],
            "device_kind": jax.devices()[0].device_kind,
            "jax": jax.__version__, "python": platform.python_version(),
-           "host": platform.node(), "quick": q}
-    out["train"] = [train_throughput("lenet5", 20 if q else 300),
-                    train_throughput("vgg16", 2 if q else 50)]
-    print("train", out["train"], flush=True)
-    out["seed_axis"] = seed_strategies(64 if q else 5000, 16 if q else 500,
-                                       2 if q else 40)
-    print("seed_axis done", flush=True)
-    out["pgd"] = pgd_one(32 if q else 500, 4 if q else 40)
-    problem = _digits_problem(1 if q else 15)
-    out["arachne"] = arachne_fix(problem, 3 if q else 100)
-    out["apricot_rdlm_epoch"] = apricot_epoch(problem, 3 if q else 20)
-    out["fix_seeds"] = fix_seed_modes(problem, 3 if q else 30)
-    from benchmarks import _population
-    out["population"] = _population.measure(
-        generations=2 if q else 10, n_pos=200 if q else 4946,
-        n_neg=20 if q else 54, rounds=1)
-    from benchmarks import _tail_fitness
-    from dlfix_jax import models
-    lenet = models.get("lenet5")
-    out["tail_fitness"] = _tail_fitness.measure(
-        lenet, lenet.init(jax.random.key(0)), n=200 if q else 5000,
-        population=8 if q else 100, fractions=(0.05, 0.5, 1.0, 1.7),
-        rounds=1 if q else 2, label="zoo:lenet5")
-    out["total_s"] = time.perf_counter() - t0
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-        json.dump(out, f, indent=2)
+           "host": platform.node(), "quick": q, "complete": False}
+    problem = {}
+
+    def digits():
+        if not problem:
+            problem["p"] = _digits_problem(1 if q else 15)
+        return problem["p"]
+
+    def population():
+        from benchmarks import _population
+        return _population.measure(
+            generations=2 if q else 10, n_pos=200 if q else 4946,
+            n_neg=20 if q else 54, rounds=1)
+
+    def tail_fitness():
+        from benchmarks import _tail_fitness
+        from dlfix_jax import models
+        lenet = models.get("lenet5")
+        return _tail_fitness.measure(
+            lenet, lenet.init(jax.random.key(0)), n=200 if q else 5000,
+            population=8 if q else 100, fractions=(0.05, 0.5, 1.0, 1.7),
+            rounds=1 if q else 2, label="zoo:lenet5")
+
+    # Shortest first: a cut-short run keeps as many sections as it can.
+    sections = [
+        ("pgd", lambda: pgd_one(32 if q else 500, 4 if q else 40)),
+        ("train", lambda: [train_throughput("lenet5", 20 if q else 300),
+                           train_throughput("vgg16", 2 if q else 50)]),
+        ("seed_axis", lambda: seed_strategies(
+            64 if q else 5000, 16 if q else 500, 2 if q else 40)),
+        ("arachne", lambda: arachne_fix(digits(), 3 if q else 100)),
+        ("apricot_rdlm_epoch", lambda: apricot_epoch(digits(),
+                                                     3 if q else 20)),
+        ("fix_seeds", lambda: fix_seed_modes(digits(), 3 if q else 30)),
+        ("population", population),
+        ("tail_fitness", tail_fitness),
+    ]
+    # The file is rewritten (atomically) after every section, so a run cut
+    # short by device_check.sh's time limit keeps what it measured
+    # ("complete": false, "total_s" up to the last finished section).
+    from dlfix_jax.fileio import atomic_write_json
+    for name, measure in sections:
+        out[name] = measure()
+        out["total_s"] = time.perf_counter() - t0
+        atomic_write_json(FLAGS.out, out)
+        print(f"{name} done ({out['total_s']:.0f} s)", flush=True)
+    out["complete"] = True
+    atomic_write_json(FLAGS.out, out)
     print(json.dumps({k: out[k] for k in ("backend", "device_kind", "train",
                                           "pgd", "arachne", "total_s")},
                      indent=1))

@@ -35,12 +35,12 @@ Tasks (what ``"auto"`` optimises for) and the CPU measurements behind
   the one-channel fence): batching the weights makes XLA:CPU grouped
   convolutions. (Before those paths vmap was 0.4-0.6x; remeasured
   2026-12-05.)
-* ``"pgd"`` (``benchmarks/eval_seeds.py``): ``sequential`` (vmap and
-  lax.map were 5 % to 20 % slower).
+* ``"pgd"`` (``benchmarks/eval_seeds.py``): ``sequential`` (on a quiet
+  machine lax.map within 8 % of it, vmap 1.3-1.4x its time).
 * ``"train"`` — one training step of K models (Apricot's reduced models,
   ``benchmarks/apricot_rdlms.py``): ``sequential`` (one jitted step per model
-  in turn; vmap 0.5x its speed at K = 20, vmap inside a ``lax.scan`` over
-  steps slower still).
+  in turn; on a quiet machine at K = 20, vmap 0.31x its examples/s and
+  vmap inside a ``lax.scan`` over steps, the earlier path, 0.51x).
 * ``"population"`` — scoring a search population inside the search's
   compiled loop when a candidate runs model layers (a hidden Dense layer and
   the layers after it: CARE or GenMuNN on a hidden layer, NeuRecover's and

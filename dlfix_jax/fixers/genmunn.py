@@ -74,7 +74,8 @@ layer, the logits layer, repaired with the cached-logits update of Arachne
 (:func:`~dlfix_jax.fixers._fitness.candidate_logits`). Memory: scoring a
 candidate materialises the tail's Dense kernels (the first one only in the
 full form): all 40 children at once under ``vmap``, one at a time under
-``lax.map``; the validation gate scores its 52 candidates under ``vmap``.
+``lax.map``; the validation gate scores its 52 candidates with the same
+strategy as the population (:func:`dlfix_jax.seed_axis.map_traced`).
 
 What the study observed for GM: it barely changed the models (RR 3.49 on
 MNIST, 0 elsewhere; NFR <= 0.03) and was slow (2h25m - 52h17m), which looks
@@ -358,6 +359,7 @@ def _search(key, params, full_flats, setup, rows, cols, w0, sigma, h_rep,
         ok = jnp.argmax(val_logits(d), axis=-1) == y_val
         return f, acc, jnp.mean(ok.astype(jnp.float32))
 
+    pop_strategy = seed_axis.population_strategy(setup is None)
     k_init, k_ga = jax.random.split(key)
     k = w0.shape[0]
     mutants = sigma * jax.random.normal(k_init, (population - 1, k))
@@ -369,13 +371,15 @@ def _search(key, params, full_flats, setup, rows, cols, w0, sigma, h_rep,
         cx_prob=cx_prob, mut_prob=mut_prob, sigma=sigma, n_elite=n_parents,
         selection="truncation", n_parents=n_parents, patience=patience,
         return_state=True,
-        population_strategy=seed_axis.population_strategy(setup is None))
+        population_strategy=pop_strategy)
     # Validation gate over the last population (elites first; it holds the
     # best mutant): the fittest that beats the original and keeps the
     # validation accuracy. The original, the best mutant and the last
-    # population are evaluated in one batched call.
+    # population are evaluated together, with the strategy that scored the
+    # population.
     cand = jnp.concatenate([zero, res.best_x[None], last.pop])
-    f_all, acc_all, v_all = jax.vmap(evaluate)(cand)
+    f_all, acc_all, v_all = seed_axis.map_traced(evaluate, cand,
+                                                 strategy=pop_strategy)
     f0, acc0, v0 = f_all[0], acc_all[0], v_all[0]
     f_pop, acc_pop, v_pop = f_all[2:], acc_all[2:], v_all[2:]
     ok = (f_pop > f0) & (v_pop >= v0)
