@@ -31,6 +31,7 @@ shrinks every size for a CPU smoke test.
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import time
@@ -210,12 +211,8 @@ def main(argv):
            "device_kind": jax.devices()[0].device_kind,
            "jax": jax.__version__, "python": platform.python_version(),
            "host": platform.node(), "quick": q, "complete": False}
-    problem = {}
-
-    def digits():
-        if not problem:
-            problem["p"] = _digits_problem(1 if q else 15)
-        return problem["p"]
+    # Built on first use, shared by the sections that fix it.
+    digits = functools.cache(lambda: _digits_problem(1 if q else 15))
 
     def population():
         from benchmarks import _population

@@ -225,9 +225,10 @@ class Conv(nn.Conv):
         columns would take at least ``CHUNKED_MIN_COLUMN_BYTES``: XLA's
         kernels but the chunked kernel gradient), ``"xla"`` (the same left
         wholly to ``nn.Conv``: smaller, or ``CHUNKED_KERNEL_GRAD`` off), or
-        None (another backend, or a form these paths do not cover: strides, dilation,
-        groups, explicit padding, a weight mask, an explicit precision or
-        convolution function, a VALID input smaller than the kernel)."""
+        None (another backend, or a form these paths do not cover: strides,
+        dilation, groups, explicit padding, a weight mask, an explicit
+        precision or convolution function, a VALID input smaller than the
+        kernel)."""
         kh, kw = self.kernel_size
         if not (x.ndim == 4 and on_cpu() and _all_ones(self.strides)
                 and self.feature_group_count == 1
